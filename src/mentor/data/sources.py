@@ -1,0 +1,136 @@
+"""Dataset sources. Every item is a dict with ``inputs`` (or ``input_ids``), ``labels`` and
+``index`` (a stable example id, used by cached teachers)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from mentor.registry import Registry
+
+DATASETS: Registry[Any] = Registry("data source")
+
+
+@dataclass
+class DataInfo:
+    """What builders and the engine need to know about a dataset."""
+
+    task: str = "classification"  # classification | causal_lm | embedding
+    in_features: int | None = None
+    input_shape: tuple[int, ...] | None = None
+    num_classes: int | None = None
+    class_names: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataBundle:
+    """Train and held-out datasets plus their description."""
+
+    train: Dataset
+    val: Dataset
+    info: DataInfo
+
+
+class TensorDataset(Dataset):
+    """In-memory (inputs, labels) pairs; ``index`` is the position in the full dataset."""
+
+    def __init__(self, inputs: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor) -> None:
+        """Wrap aligned tensors; ``ids`` are the stable example ids."""
+        if not (len(inputs) == len(labels) == len(ids)):
+            raise ValueError("inputs, labels and ids must have the same length")
+        self.inputs, self.labels, self.ids = inputs, labels, ids
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"inputs": self.inputs[i], "labels": self.labels[i], "index": self.ids[i]}
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic shuffled train/val index split."""
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val = max(1, int(round(n * val_fraction)))
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def _bundle_from_arrays(
+    x: np.ndarray, y: np.ndarray, val_fraction: float, seed: int, info: DataInfo
+) -> DataBundle:
+    tr, va = split_indices(len(x), val_fraction, seed)
+    xt = torch.as_tensor(x, dtype=torch.float32)
+    yt = torch.as_tensor(y, dtype=torch.long)
+    ids = torch.arange(len(x))
+    return DataBundle(
+        TensorDataset(xt[tr], yt[tr], ids[tr]), TensorDataset(xt[va], yt[va], ids[va]), info
+    )
+
+
+@DATASETS.register("sklearn")
+def sklearn_toy(
+    *, name: str = "digits", standardize: bool = True, val_fraction: float = 0.2, seed: int = 0
+) -> DataBundle:
+    """scikit-learn toy sets (digits, iris, wine, breast_cancer), standardised features."""
+    from sklearn import datasets
+
+    loaders = {
+        "digits": datasets.load_digits,
+        "iris": datasets.load_iris,
+        "wine": datasets.load_wine,
+        "breast_cancer": datasets.load_breast_cancer,
+    }
+    if name not in loaders:
+        raise ValueError(f"data.params.name={name!r}: choose one of {', '.join(loaders)}")
+    ds = loaders[name]()
+    x, y = ds.data.astype(np.float32), ds.target.astype(np.int64)
+    if standardize:
+        # statistics of the training split only, so nothing leaks from held-out data
+        tr, _ = split_indices(len(x), val_fraction, seed)
+        mu, sd = x[tr].mean(0), x[tr].std(0) + 1e-6
+        x = (x - mu) / sd
+    info = DataInfo(
+        task="classification",
+        in_features=x.shape[1],
+        input_shape=(x.shape[1],),
+        num_classes=int(y.max()) + 1,
+        class_names=[str(c) for c in getattr(ds, "target_names", range(int(y.max()) + 1))],
+    )
+    return _bundle_from_arrays(x, y, val_fraction, seed, info)
+
+
+@DATASETS.register("random")
+def random_classification(
+    *,
+    n: int = 512,
+    in_features: int = 16,
+    num_classes: int = 4,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+) -> DataBundle:
+    """Synthetic Gaussian-cluster classification data (for tests and benchmarks)."""
+    g = np.random.default_rng(seed)
+    centers = g.normal(size=(num_classes, in_features)) * 2
+    y = g.integers(0, num_classes, size=n)
+    x = centers[y] + g.normal(size=(n, in_features))
+    info = DataInfo(
+        task="classification",
+        in_features=in_features,
+        input_shape=(in_features,),
+        num_classes=num_classes,
+        class_names=[str(i) for i in range(num_classes)],
+    )
+    return _bundle_from_arrays(x.astype(np.float32), y, val_fraction, seed, info)
+
+
+def build_data(source: str, params: dict[str, Any], val_fraction: float, seed: int) -> DataBundle:
+    """Build the dataset named ``source`` (errors name ``data.source`` / ``data.params``)."""
+    fn = DATASETS.get(source)
+    try:
+        return fn(**params, val_fraction=val_fraction, seed=seed)
+    except TypeError as e:
+        raise ValueError(f"data.params for source {source!r}: {e}") from None

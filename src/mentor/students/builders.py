@@ -1,0 +1,136 @@
+"""Registered model builders (``student.builder`` / ``teacher.builder`` in a recipe).
+
+A builder is ``fn(info, teacher=None, **params) -> nn.Module``. A built model can be saved
+to a folder (``model.safetensors`` + ``mentor_model.json``) and rebuilt from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mentor.data.sources import DataInfo
+from mentor.registry import Registry
+
+BUILDERS: Registry[Callable[..., nn.Module]] = Registry("model builder")
+
+
+def _need(info: DataInfo, attr: str, builder: str) -> Any:
+    v = getattr(info, attr)
+    if v is None:
+        raise ValueError(f"builder {builder!r} needs data with a known {attr}")
+    return v
+
+
+@BUILDERS.register("mlp")
+def mlp(
+    info: DataInfo,
+    teacher: nn.Module | None = None,
+    *,
+    hidden: list[int] | int = 64,
+    dropout: float = 0.0,
+    in_features: int | None = None,
+    num_classes: int | None = None,
+) -> nn.Module:
+    """Multi-layer perceptron with ReLU: in_features -> hidden... -> num_classes."""
+    dims = [in_features or _need(info, "in_features", "mlp")]
+    dims += [hidden] if isinstance(hidden, int) else list(hidden)
+    layers: list[nn.Module] = [nn.Flatten()]
+    for a, b in zip(dims[:-1], dims[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+    layers.append(nn.Linear(dims[-1], num_classes or _need(info, "num_classes", "mlp")))
+    return nn.Sequential(*layers)
+
+
+@BUILDERS.register("cnn")
+def cnn(
+    info: DataInfo,
+    teacher: nn.Module | None = None,
+    *,
+    channels: list[int] | None = None,
+    hidden: int = 64,
+    dropout: float = 0.0,
+) -> nn.Module:
+    """Small CNN: [conv3x3-ReLU-maxpool] per entry of ``channels``, then a 2-layer head."""
+    shape = _need(info, "input_shape", "cnn")
+    if len(shape) == 2:
+        shape = (1, *shape)
+    if len(shape) != 3:
+        raise ValueError(f"builder 'cnn' needs image inputs [C,H,W], data has shape {shape}")
+    c, h, w = shape
+    layers: list[nn.Module] = (
+        [nn.Unflatten(1, (c, h, w))] if len(info.input_shape or ()) != 3 else []
+    )
+    for out in channels or [16, 32]:
+        layers += [nn.Conv2d(c, out, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+        c, h, w = out, h // 2, w // 2
+    layers += [nn.Flatten(), nn.Linear(c * h * w, hidden), nn.ReLU()]
+    if dropout > 0:
+        layers.append(nn.Dropout(dropout))
+    layers.append(nn.Linear(hidden, _need(info, "num_classes", "cnn")))
+    return nn.Sequential(*layers)
+
+
+def build_model(
+    builder: str, params: dict[str, Any], info: DataInfo, teacher: nn.Module | None = None
+) -> nn.Module:
+    """Build a model by registered name; bad parameters name the builder and valid ones."""
+    fn = BUILDERS.get(builder)
+    sig = inspect.signature(fn)
+    valid = [p for p, v in sig.parameters.items() if v.kind is inspect.Parameter.KEYWORD_ONLY]
+    unknown = [k for k in params if k not in valid]
+    if unknown:
+        from mentor.registry import did_you_mean
+
+        raise ValueError(
+            f"builder {builder!r} has no parameter {unknown[0]!r}."
+            f"{did_you_mean(unknown[0], valid)} Valid parameters: {', '.join(valid)}"
+        )
+    return fn(info, teacher, **params)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters of ``model``."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def save_model(
+    model: nn.Module, folder: str | Path, builder: str, params: dict[str, Any], info: DataInfo
+) -> Path:
+    """Write ``model.safetensors`` and ``mentor_model.json`` (how to rebuild it) to ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = folder / "model.safetensors.tmp"
+    save_file(state, str(tmp))
+    tmp.replace(folder / "model.safetensors")
+    meta = {"builder": builder, "params": params, "info": dataclasses.asdict(info)}
+    (folder / "mentor_model.json").write_text(json.dumps(meta, indent=2))
+    return folder
+
+
+def load_model(folder: str | Path) -> tuple[nn.Module, DataInfo]:
+    """Rebuild a model saved by ``save_model`` (weights via safetensors)."""
+    folder = Path(folder)
+    meta_path = folder / "mentor_model.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{folder} has no mentor_model.json: not a saved mentor model")
+    meta = json.loads(meta_path.read_text())
+    info = DataInfo(
+        **{**meta["info"], "input_shape": tuple(meta["info"]["input_shape"] or ()) or None}
+    )
+    model = build_model(meta["builder"], meta["params"], info)
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    return model, info
+
+
+__all__ = ["BUILDERS", "build_model", "count_parameters", "load_model", "save_model"]

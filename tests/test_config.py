@@ -1,0 +1,107 @@
+import pytest
+import yaml
+
+from mentor.config import ConfigError, apply_overrides, dump_config, load_config, parse_override
+from mentor.recipes import list_recipes
+
+
+def test_shipped_recipes_parse_and_validate():
+    names = [n for n, _ in list_recipes()]
+    assert "digits" in names
+    for name in names:
+        cfg = load_config(name)
+        assert cfg.name
+        assert cfg.objective
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config("digits", ["train.lr=3e-4", "objective.kd.temperature=2", "train.seed=7"])
+    assert cfg.train.lr == pytest.approx(3e-4)
+    assert cfg.objective["kd"]["temperature"] == 2
+    assert cfg.train.seed == 7
+
+
+def test_override_can_remove_and_replace_objective_terms():
+    cfg = load_config("digits", ["objective.kd=null"])
+    assert list(cfg.objective) == ["ce"]
+    cfg = load_config("digits", ["objective={ce: {weight: 1}}"])
+    assert cfg.objective == {"ce": {"weight": 1}}
+
+
+def test_bad_value_names_the_field():
+    with pytest.raises(ConfigError) as e:
+        load_config("digits", ["train.lr=abc"])
+    assert "train.lr" in str(e.value) and "'abc'" in str(e.value)
+
+
+def test_unknown_top_level_key_suggests():
+    with pytest.raises(ConfigError) as e:
+        load_config("digits", ["trian.lr=0.1"])
+    assert "Did you mean 'train'?" in str(e.value)
+
+
+def test_unknown_nested_key_suggests_and_lists():
+    with pytest.raises(ConfigError) as e:
+        load_config("digits", ["train.max_step=5"])
+    msg = str(e.value)
+    assert "train.max_step" in msg and "Did you mean 'max_steps'" in msg
+    assert "batch_size" in msg  # lists the valid keys
+
+
+def test_literal_lists_allowed_values():
+    with pytest.raises(ConfigError) as e:
+        load_config("digits", ["train.optimizer=adam"])
+    assert "'adamw' or 'sgd'" in str(e.value)
+
+
+def test_unknown_loss_and_hyperparameter_fail_at_load():
+    with pytest.raises(ConfigError, match="Did you mean 'kd'"):
+        load_config("digits", ["objective.kdd.weight=1"])
+    with pytest.raises(ConfigError, match="Did you mean 'temperature'"):
+        load_config("digits", ["objective.kd.temprature=1"])
+
+
+def test_schedule_names_checked_at_load():
+    with pytest.raises(ConfigError, match="Did you mean 'weight'"):
+        load_config("digits", ["train.schedules.kd.wieght={start: 0, end: 1, steps: 5}"])
+    cfg = load_config("digits", ["train.schedules.kd.weight={start: 0, end: 1, steps: 5}"])
+    assert cfg.train.schedules["kd"]["weight"].steps == 5
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_override("train.lr")
+    with pytest.raises(ConfigError, match="is a value, not a section"):
+        apply_overrides({"train": {"lr": 1}}, ["train.lr.x=2"])
+
+
+def test_override_values_are_never_evaluated():
+    path, value = parse_override("name=__import__('os').system('true')")
+    assert path == ["name"] and isinstance(value, str)
+
+
+def test_recipe_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="unknown recipe 'digitz'.*Did you mean 'digits'"):
+        load_config("digitz")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config("digits", ["train.lr=0.01"])
+    p = tmp_path / "c.yaml"
+    p.write_text(dump_config(cfg))
+    again = load_config(p)
+    assert again == cfg
+    assert yaml.safe_load(p.read_text())["train"]["lr"] == 0.01
+
+
+def test_source_constraints():
+    with pytest.raises(ConfigError, match="teacher.cache"):
+        load_config("digits", ["teacher.source=cache"])
+    with pytest.raises(ConfigError, match="at least two"):
+        load_config("digits", ["teacher.source=ensemble"])
