@@ -1,18 +1,81 @@
-"""Distillation objectives: every loss of the spec as a pure function plus a thin module."""
+"""Distillation objectives: every loss of the spec as a pure function plus a thin module.
 
-from mentor.losses import logit  # noqa: F401  (registers the logit losses)
+Logit losses accept dense teacher logits or the sparse signals of :mod:`mentor.signals`
+(``TopK``, ``Sampled``) where meaningful, and a ``chunk_size`` for LLM-sized ``[B, T, V]``
+logits; :func:`fused_linear_loss` computes them from hidden states and the output head without
+materialising the student logits. See ``docs/losses.md``.
+"""
+
 from mentor.losses._base import LOSSES, Loss, get_loss, list_losses, register_loss
-from mentor.losses.logit import ce, kd
-from mentor.losses.objective import Objective, describe_losses
+from mentor.losses.feature import (
+    attention_transfer,
+    cosine_embedding,
+    hint_mse,
+    squarehead,
+    token_relation,
+)
+from mentor.losses.fused import FusedLinearLoss, fused_linear_loss
+from mentor.losses.logit import (
+    bd_kd,
+    ce,
+    dist,
+    dkd,
+    forward_kl,
+    jsd,
+    kd,
+    logit_mse,
+    pld,
+    reverse_kl,
+    sinkhorn,
+    skew_kl,
+    skew_reverse_kl,
+    taid,
+    tvd,
+)
+from mentor.losses.objective import Objective, build_projector, describe_losses
+from mentor.losses.ranking import listwise_kl, margin_mse
+from mentor.losses.relational import gram_kl, rkd_angle, rkd_distance, spkd
+from mentor.losses.taid_schedule import TAIDScheduler
+from mentor.signals import Sampled, TopK
 
 __all__ = [
     "LOSSES",
+    "FusedLinearLoss",
     "Loss",
     "Objective",
+    "Sampled",
+    "TAIDScheduler",
+    "TopK",
+    "attention_transfer",
+    "bd_kd",
+    "build_projector",
     "ce",
+    "cosine_embedding",
     "describe_losses",
+    "dist",
+    "dkd",
+    "forward_kl",
+    "fused_linear_loss",
     "get_loss",
+    "gram_kl",
+    "hint_mse",
+    "jsd",
     "kd",
     "list_losses",
+    "listwise_kl",
+    "logit_mse",
+    "margin_mse",
+    "pld",
     "register_loss",
+    "reverse_kl",
+    "rkd_angle",
+    "rkd_distance",
+    "sinkhorn",
+    "skew_kl",
+    "skew_reverse_kl",
+    "spkd",
+    "squarehead",
+    "taid",
+    "token_relation",
+    "tvd",
 ]

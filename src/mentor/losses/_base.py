@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from torch import nn
 
 from mentor.registry import Registry, RegistryError, did_you_mean
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 LOSSES: Registry[type[Loss]] = Registry("loss")
 
@@ -37,19 +39,37 @@ class Loss(nn.Module):
                 f" Valid hyperparameters: {valid}"
             )
         self.hp: dict[str, Any] = {**self.defaults, **hp}
+        type(self).check(**self.hp)
+        for k, v in self.hp.items():  # e.g. a learned projector: train it with the owner
+            if isinstance(v, nn.Module):
+                self.add_module(k, v)
+
+    @staticmethod
+    def check(**hp: Any) -> None:
+        """Validate hyperparameter values (raise ValueError); overridden per loss."""
 
     def forward(self, student: Any, teacher: Any, **kwargs: Any) -> Any:
-        """Compute the loss; keyword arguments (labels, mask, ...) go to the functional form."""
-        return type(self).fn(student, teacher, **kwargs, **self.hp)
+        """Compute the loss; keyword arguments (labels, mask, t, ...) override stored ones."""
+        return type(self).fn(student, teacher, **{**self.hp, **kwargs})
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.hp.items())
 
 
-def register_loss(name: str, *, inputs: str = "logits") -> Callable[[Callable[..., Any]], type[Loss]]:
-    """Register a functional loss under ``name``, deriving defaults from its keyword-only args."""
+def register_loss(
+    name: str,
+    *,
+    inputs: str = "logits",
+    check: Callable[..., None] | None = None,
+) -> Callable[[F], F]:
+    """Register a functional loss under ``name``, deriving defaults from its keyword-only args.
 
-    def deco(fn: Callable[..., Any]) -> type[Loss]:
+    The function itself is returned unchanged (it stays the pure functional form); the module
+    class wrapping it is in the registry and on ``fn.module``. ``check(**hp)`` (optional)
+    validates hyperparameter values when the module is built.
+    """
+
+    def deco(fn: F) -> F:
         sig = inspect.signature(fn)
         defaults = {
             p.name: (None if p.default is inspect.Parameter.empty else p.default)
@@ -60,11 +80,19 @@ def register_loss(name: str, *, inputs: str = "logits") -> Callable[[Callable[..
         cls = type(
             "".join(part.title() for part in name.split("_")) + "Loss",
             (Loss,),
-            {"fn": staticmethod(fn), "inputs": inputs, "defaults": defaults, "name": name,
-             "__doc__": doc, "__module__": fn.__module__},
+            {
+                "fn": staticmethod(fn),
+                "inputs": inputs,
+                "defaults": defaults,
+                "name": name,
+                "__doc__": doc,
+                "__module__": fn.__module__,
+                **({"check": staticmethod(check)} if check is not None else {}),
+            },
         )
         LOSSES.register(name, cls, description=doc.splitlines()[0] if doc else name)
-        return cls
+        fn.module = cls  # type: ignore[attr-defined]
+        return fn
 
     return deco
 

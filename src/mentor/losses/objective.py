@@ -2,16 +2,59 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from mentor.losses._base import LOSSES, get_loss
+from mentor.losses.taid_schedule import TAIDScheduler
 
 # Keys of a term spec that are not loss hyperparameters.
-TERM_KEYS = ("weight", "loss", "student", "teacher")
+TERM_KEYS = ("weight", "loss", "student", "teacher", "projector")
+# Keys of a ``taid`` term that configure its TAIDScheduler.
+TAID_KEYS = ("t_start", "t_end", "alpha", "beta", "disable_adaptive")
+
+
+def build_projector(spec: Any) -> nn.Module:
+    """A learned projector from a spec: an ``nn.Module`` as is, or a dict for ``nn.Linear``.
+
+    Dict keys: ``in_features``, ``out_features``, optional ``bias`` (default True) and
+    ``kind`` (``"linear"`` default, or ``"conv1x1"`` for ``[B, C, H, W]`` maps).
+    """
+    if isinstance(spec, nn.Module):
+        return spec
+    if not isinstance(spec, Mapping):
+        raise ValueError(
+            f"projector must be a module or a mapping like {{in_features: 128, out_features: 256}}, "
+            f"got {spec!r}"
+        )
+    spec = dict(spec)
+    kind = spec.pop("kind", "linear")
+    try:
+        i, o = int(spec.pop("in_features")), int(spec.pop("out_features"))
+    except KeyError as e:
+        raise ValueError(f"projector needs {e.args[0]!r}") from None
+    bias = bool(spec.pop("bias", True))
+    if spec:
+        raise ValueError(
+            f"projector has unknown keys {sorted(spec)}; valid: in_features, "
+            f"out_features, bias, kind"
+        )
+    if kind == "linear":
+        return nn.Linear(i, o, bias=bias)
+    if kind == "conv1x1":
+        return nn.Conv2d(i, o, kernel_size=1, bias=bias)
+    raise ValueError(f"projector kind must be 'linear' or 'conv1x1', got {kind!r}")
+
+
+def _project(proj: nn.Module, x: Any) -> Any:
+    if isinstance(x, Tensor):
+        return proj(x)
+    if isinstance(x, Sequence):
+        return [proj(v) for v in x]
+    raise TypeError(f"cannot apply a projector to {type(x)!r}")
 
 
 class Objective(nn.Module):
@@ -20,24 +63,40 @@ class Objective(nn.Module):
     ``Objective({"kd": {"weight": 0.9, "temperature": 4}, "ce": {"weight": 0.1}})`` returns,
     when called, ``{"kd": ..., "ce": ..., "loss": 0.9*kd + 0.1*ce}``. A term's loss is the
     term name unless ``loss:`` names another (so one loss can appear twice). Feature terms
-    name the taps they compare with ``student:`` and ``teacher:``.
+    name the taps they compare with ``student:`` and ``teacher:`` and may add a learned
+    ``projector:`` (``{in_features: 128, out_features: 256}``) applied to the student features;
+    it is a parameter of the Objective, so optimise ``objective.parameters()`` with the student.
+    A ``taid`` term gets a :class:`TAIDScheduler` (keys ``t_start``, ``t_end``, ``alpha``,
+    ``beta``, ``disable_adaptive``) unless it fixes ``t:``; :meth:`after_step` advances it.
     """
 
     def __init__(self, spec: Mapping[str, Mapping[str, Any]]) -> None:
         """Build each term's loss module; unknown losses or hyperparameters raise."""
         super().__init__()
         if not spec:
-            raise ValueError("objective is empty: give at least one term, e.g. {'kd': {'weight': 1}}")
+            raise ValueError(
+                "objective is empty: give at least one term, e.g. {'kd': {'weight': 1}}"
+            )
         self.terms = nn.ModuleDict()
+        self.projectors = nn.ModuleDict()
         self.weights: dict[str, float] = {}
         self.taps: dict[str, tuple[str, str]] = {}
+        self.schedulers: dict[str, TAIDScheduler] = {}
+        self.last_values: dict[str, Tensor] = {}
         for term, raw in spec.items():
             raw = dict(raw or {})
             loss_name = raw.pop("loss", term)
             self.weights[term] = float(raw.pop("weight", 1.0))
             s_tap, t_tap = raw.pop("student", None), raw.pop("teacher", None)
+            proj = raw.pop("projector", None)
             try:
+                if loss_name == "taid" and raw.get("t") is None:
+                    raw.pop("t", None)
+                    sched = {k: raw.pop(k) for k in TAID_KEYS if k in raw}
+                    self.schedulers[term] = TAIDScheduler(**sched)
                 self.terms[term] = get_loss(loss_name, **raw)
+                if proj is not None:
+                    self.projectors[term] = build_projector(proj)
             except ValueError as e:
                 raise ValueError(f"objective.{term}: {e}") from None
             if self.terms[term].inputs != "logits":
@@ -47,6 +106,8 @@ class Objective(nn.Module):
                         f"with student: <module path> and teacher: <module path>"
                     )
                 self.taps[term] = (s_tap, t_tap)
+            elif proj is not None:
+                raise ValueError(f"objective.{term}: a projector applies to feature terms only")
 
     def forward(
         self,
@@ -64,10 +125,18 @@ class Objective(nn.Module):
         for term, loss in self.terms.items():
             if term in self.taps:
                 s_tap, t_tap = self.taps[term]
-                value = loss(student_features[s_tap], teacher_features[t_tap], mask=mask)
+                if student_features is None or teacher_features is None:
+                    raise ValueError(f"objective.{term}: student/teacher features were not given")
+                s_feat = student_features[s_tap]
+                if term in self.projectors:
+                    s_feat = _project(self.projectors[term], s_feat)
+                value = loss(s_feat, teacher_features[t_tap], mask=mask)
             else:
-                value = loss(student_logits, teacher, labels=labels, mask=mask)
+                extra = {"t": self.schedulers[term].t} if term in self.schedulers else {}
+                value = loss(student_logits, teacher, labels=labels, mask=mask, **extra)
             out[term] = value
+            if term in self.schedulers:
+                self.last_values[term] = value.detach()
             w = self.weights[term]
             total = w * value if total is None else total + w * value
         assert total is not None
@@ -75,7 +144,20 @@ class Objective(nn.Module):
         return out
 
     def after_step(self, step: int, total_steps: int, values: Mapping[str, float]) -> None:
-        """Hook called after each optimizer step (stateful schedules such as TAID use it)."""
+        """Hook called after each optimizer step (advances TAID schedules).
+
+        ``step`` is the 0-based index of the optimizer step just taken (the number of steps
+        completed before it), ``total_steps`` the planned total and ``values`` the detached term
+        values of that step (a term missing from ``values`` uses the last value computed).
+        """
+        for term, sched in self.schedulers.items():
+            v = values[term] if term in values else self.last_values.get(term)
+            if v is not None:
+                sched.update(float(v), step, total_steps)
+
+    def taid_t(self) -> dict[str, float]:
+        """Current TAID interpolation parameter of each scheduled term."""
+        return {k: s.t for k, s in self.schedulers.items()}
 
 
 def describe_losses() -> list[tuple[str, str]]:
@@ -83,4 +165,4 @@ def describe_losses() -> list[tuple[str, str]]:
     return [(n, LOSSES.describe(n)) for n in LOSSES.names()]
 
 
-__all__ = ["Objective", "describe_losses", "torch"]
+__all__ = ["Objective", "build_projector", "describe_losses", "torch"]
