@@ -33,13 +33,13 @@ demo: $(VENV)/.demo
 	$(VENV)/bin/mentor demo
 
 test: $(VENV)/.dev
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests $(wildcard benchmarks)
+	$(VENV)/bin/ruff format --check src tests $(wildcard benchmarks)
 	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 format: $(VENV)/.dev
-	$(VENV)/bin/ruff check --fix src tests benchmarks
-	$(VENV)/bin/ruff format src tests benchmarks
+	$(VENV)/bin/ruff check --fix src tests $(wildcard benchmarks)
+	$(VENV)/bin/ruff format src tests $(wildcard benchmarks)
 
 bench: $(VENV)/.dev
 	$(PIP) install --quiet -e ".[bench]"
