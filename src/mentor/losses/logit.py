@@ -688,6 +688,7 @@ def ce(
 
     ``L = −(1/n) Σ_r log softmax(z_S)_y`` over counted rows with y ≠ −100; no temperature.
     Equals ``F.cross_entropy(..., ignore_index=-100)``. Any teacher kind (or None) is accepted.
+    The hard-label term of Hinton et al., "Distilling the Knowledge in a Neural Network" (2015).
     """
     return _apply("ce", student_logits, teacher_logits, labels, mask, chunk_size)
 
