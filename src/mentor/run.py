@@ -175,6 +175,41 @@ def distill(cfg: RunConfig, *, resume: bool = False, quiet: bool = False) -> Run
     return RunResult(run_dir, metrics, student, teacher_module)
 
 
+@dataclass
+class LoadedRun:
+    """A finished run rebuilt from its directory: config, data, teacher and student."""
+
+    cfg: RunConfig
+    bundle: DataBundle
+    teacher: nn.Module | None
+    student: nn.Module
+
+
+def load_run(run_dir: str | Path) -> LoadedRun:
+    """Rebuild the data, the teacher module and the trained student of a run directory."""
+    from mentor.config import load_config
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise FileNotFoundError(f"{run_dir} has no config.yaml: not a mentor run directory")
+    if not (run_dir / "student").exists():
+        raise FileNotFoundError(
+            f"{run_dir}/student is missing: the run did not finish (continue it with --resume)"
+        )
+    cfg = load_config(run_dir / "config.yaml")
+    bundle = build_data(
+        cfg.data.source, cfg.data.params, cfg.data.val_fraction, cfg.data.split_seed
+    )
+    student, _ = load_model(run_dir / "student")
+    teacher = None
+    tc = cfg.teacher
+    if tc.source == "run" and tc.run:
+        teacher, _ = load_model(Path(tc.run) / "student")
+    elif tc.source == "online" and (tc.builder or tc.path):
+        teacher = build_teacher_module(tc, cfg, bundle)
+    return LoadedRun(cfg, bundle, teacher.eval() if teacher is not None else None, student.eval())
+
+
 def _final_metrics(
     student: nn.Module, teacher: nn.Module | None, val: Dataset, info: DataInfo
 ) -> dict[str, Any]:
