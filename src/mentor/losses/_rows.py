@@ -257,6 +257,7 @@ def run_rows(
     if teacher is None:
         teacher = student.detach()  # placeholder for losses that ignore the teacher (ce)
     kind, lead, v = _prepare(spec, student, teacher, labels, mask)
+    temperature = teacher.temperature if isinstance(teacher, Sampled) else temperature
     n = lead.numel()
     dt = _compute_dtype(student, kind, teacher)
     w = _weights(spec, lead, labels, mask, dt, student.device)
@@ -428,6 +429,7 @@ def run_fused(
         teacher = torch.zeros(*lead, v, dtype=hidden.dtype, device=hidden.device)
     meta = torch.empty(*lead, v, device="meta", dtype=hidden.dtype)  # for shape checks only
     kind, _, _ = _prepare(spec, meta, teacher, labels, mask)
+    temperature = teacher.temperature if isinstance(teacher, Sampled) else temperature
     n = lead.numel()
     dt = _compute_dtype(
         torch.empty(0, dtype=torch.promote_types(hidden.dtype, weight.dtype)), kind, teacher
