@@ -187,8 +187,13 @@ def rows_sum(
     """Σ_r Σ_j w[r, j]·rows[r, j] for one block of rows (masked rows zeroed first)."""
     m = (w != 0).any(-1)
     dt = w.dtype
-    s = torch.where(m.unsqueeze(-1), s.to(dt), torch.zeros((), dtype=dt, device=s.device))
-    t = _rebuild(kind, _sanitize_teacher(kind, txs, m, dt), temperature)
+    if bool(m.all()):  # nothing to hide: skip the masking copies
+        s = s.to(dt)
+        t = _rebuild(kind, [x if x is None or not x.is_floating_point() else x.to(dt) for x in txs],
+                     temperature)  # fmt: skip
+    else:
+        s = torch.where(m.unsqueeze(-1), s.to(dt), torch.zeros((), dtype=dt, device=s.device))
+        t = _rebuild(kind, _sanitize_teacher(kind, txs, m, dt), temperature)
     rows = spec.rows(s, t, labels)
     if rows.dim() == 1:
         rows = rows.unsqueeze(-1)

@@ -1,0 +1,263 @@
+"""Peak memory and time of forward+backward for plain vs chunked vs fused logit losses.
+
+Run ``.venv/bin/python -m benchmarks.loss_memory`` (``--quick`` for a small smoke run). Each case
+runs in a fresh subprocess: it allocates the inputs (student hidden states ``[1, T, H]``, output
+head ``[V, H]``, dense teacher logits ``[1, T, V]``), records ``ru_maxrss`` as the baseline, then
+runs forward + backward once; the peak is ``ru_maxrss`` minus that baseline. Time is the minimum
+over ``--repeats`` runs. Every variant starts from the hidden states:
+
+* plain   — ``loss(hidden @ W.T, teacher)``;
+* chunked — ``loss(hidden @ W.T, teacher, chunk_size=c)`` (full logits, chunked loss);
+* fused   — ``fused_linear_loss(hidden, W, teacher, chunk_size=c)`` (no full logits).
+
+Writes ``benchmarks/results/loss_memory.json`` and the ``loss_memory`` section of
+``docs/benchmarks.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "loss_memory.json"
+DOC = ROOT / "docs" / "benchmarks.md"
+SECTION = "loss_memory"
+VOCABS = (32000, 49152, 128256, 151936)
+LOSSES = ("forward_kl", "jsd")
+MODES = ("plain", "chunked", "fused")
+
+
+def chunk_rows(vocab: int) -> int:
+    """Rows per chunk: about 2**23 logits (32 MiB in float32) per chunk."""
+    return max(32, 2**23 // vocab)
+
+
+def _maxrss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def run_case(vocab: int, loss: str, mode: str, seq: int, hidden: int, repeats: int) -> dict:
+    """Measure one case in this process (called in a fresh subprocess)."""
+    import torch
+    import torch.nn.functional as F
+
+    import mentor.losses as L
+
+    torch.manual_seed(0)
+    h = torch.randn(1, seq, hidden).requires_grad_(True)
+    w = (torch.randn(vocab, hidden) * hidden**-0.5).requires_grad_(True)
+    teacher = torch.randn(1, seq, vocab) * 2.0
+    fn = getattr(L, loss)
+    c = chunk_rows(vocab)
+
+    def step() -> float:
+        if mode == "plain":
+            out = fn(F.linear(h, w), teacher)
+        elif mode == "chunked":
+            out = fn(F.linear(h, w), teacher, chunk_size=c)
+        else:
+            out = L.fused_linear_loss(h, w, teacher, loss=loss, chunk_size=c)
+        out.backward()
+        return float(out.detach())
+
+    base = _maxrss_mib()
+    times = []
+    value = 0.0
+    peak = 0.0
+    for i in range(repeats):
+        h.grad = w.grad = None
+        t0 = time.perf_counter()
+        value = step()
+        times.append(time.perf_counter() - t0)
+        if i == 0:
+            peak = _maxrss_mib() - base
+    grad_norm = float(w.grad.norm())
+    return {
+        "vocab": vocab,
+        "loss": loss,
+        "mode": mode,
+        "seq": seq,
+        "hidden": hidden,
+        "chunk_size": c if mode != "plain" else None,
+        "peak_mib": round(peak, 1),
+        "time_s": round(min(times), 3),
+        "times_s": [round(t, 3) for t in times],
+        "value": value,
+        "grad_w_norm": grad_norm,
+    }
+
+
+def _child(args: argparse.Namespace) -> None:
+    res = run_case(args.vocab, args.loss, args.mode, args.seq, args.hidden, args.repeats)
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+# glibc keeps freed blocks below its (self-raising) mmap threshold in the heap, so RSS stays at a
+# high-water mark that the program no longer uses; the memory run pins the threshold at 1 MiB so
+# large blocks are returned on free and ru_maxrss tracks live memory. Times come from a separate
+# run with the default allocator (pinning makes every chunk page-fault afresh).
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+
+
+def _spawn(
+    vocab: int, loss: str, mode: str, seq: int, hidden: int, repeats: int, env: dict | None = None
+) -> dict:
+    cmd = [
+        sys.executable, "-m", "benchmarks.loss_memory", "--child", "--vocab", str(vocab),
+        "--loss", loss, "--mode", mode, "--seq", str(seq), "--hidden", str(hidden),
+        "--repeats", str(repeats),
+    ]  # fmt: skip
+    full_env = {**os.environ, **(env or {})}
+    err = ""
+    for attempt in range(3):  # retry: a shared working tree may be briefly unimportable
+        proc = subprocess.run(
+            cmd, cwd=ROOT, capture_output=True, text=True, check=False, env=full_env
+        )
+        for line in proc.stdout.splitlines():
+            if line.startswith("RESULT "):
+                return json.loads(line[len("RESULT ") :])
+        err = proc.stderr[-2000:]
+        time.sleep(30 * (attempt + 1))
+    raise RuntimeError(f"case {vocab}/{loss}/{mode} failed:\n{err}")
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": date.today().isoformat(),
+    }
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    """The docs/benchmarks.md section."""
+    m = payload["machine"]
+    cfg = payload["config"]
+    lines = [
+        "## Logit-loss memory: plain vs chunked vs fused",
+        "",
+        f"Forward + backward from student hidden states `[1, {cfg['seq']}, {cfg['hidden']}]`, "
+        f"output head `[V, {cfg['hidden']}]`, dense float32 teacher logits. Peak = process "
+        f"`ru_maxrss` growth over the baseline after allocating the inputs (fresh subprocess per "
+        f"case, glibc `MALLOC_MMAP_THRESHOLD_=1MiB` so freed blocks leave the RSS); time = "
+        f"best of {cfg['repeats']} in a separate subprocess with the default allocator (first "
+        f"call, page faults included). Chunk = about 2²³ logits per chunk. "
+        f"Ratios are relative to plain. Measured on {m['cpu']} ({m['cores']} cores), torch "
+        f"{m['torch']}, {m['date']}. Regenerate with `.venv/bin/python -m benchmarks.loss_memory`.",
+        "",
+        "| loss | V | plain peak MiB | plain s | chunked peak MiB (×) | chunked s (×) "
+        "| fused peak MiB (×) | fused s (×) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    by = {(r["loss"], r["vocab"], r["mode"]): r for r in payload["results"]}
+    for loss in cfg["losses"]:
+        for v in cfg["vocabs"]:
+            p = by.get((loss, v, "plain"))
+            if p is None:
+                continue
+            cells = [loss, str(v), f"{p['peak_mib']:.0f}", f"{p['time_s']:.2f}"]
+            for mode in ("chunked", "fused"):
+                r = by.get((loss, v, mode))
+                if r is None:
+                    cells += ["–", "–"]
+                    continue
+                mr = r["peak_mib"] / max(p["peak_mib"], 1e-9)
+                tr = r["time_s"] / max(p["time_s"], 1e-9)
+                cells += [f"{r['peak_mib']:.0f} ({mr:.2f})", f"{r['time_s']:.2f} ({tr:.2f})"]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def update_section(md: str) -> None:
+    """Replace (or append) only the loss_memory section of docs/benchmarks.md."""
+    start, end = f"<!-- {SECTION}:start -->", f"<!-- {SECTION}:end -->"
+    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+    block = f"{start}\n{md.strip()}\n{end}"
+    if start in text and end in text:
+        before, rest = text.split(start, 1)
+        _, after = rest.split(end, 1)
+        text = before + block + after
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    DOC.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run every case in its own subprocess and write the JSON and markdown results."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--loss", default="forward_kl")
+    ap.add_argument("--mode", default="plain")
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--hidden", type=int, default=576)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--vocabs", type=int, nargs="*", default=list(VOCABS))
+    ap.add_argument("--losses", nargs="*", default=list(LOSSES))
+    ap.add_argument("--quick", action="store_true", help="small sizes, no files written")
+    args = ap.parse_args(argv)
+    if args.child:
+        _child(args)
+        return
+    if args.quick:
+        args.seq, args.vocabs, args.repeats = 128, [4096], 1
+    results = []
+    for v in args.vocabs:
+        for loss in args.losses:
+            for mode in MODES:
+                mem = _spawn(v, loss, mode, args.seq, args.hidden, 1, MEMORY_ENV)
+                r = _spawn(v, loss, mode, args.seq, args.hidden, args.repeats)
+                r["peak_mib_default_malloc"] = r["peak_mib"]
+                r["peak_mib"] = mem["peak_mib"]
+                results.append(r)
+                print(
+                    f"V={v:>6} {loss:<10} {mode:<7} peak {r['peak_mib']:>8.0f} MiB  "
+                    f"time {r['time_s']:>7.2f} s  value {r['value']:.6f}",
+                    flush=True,
+                )
+    payload = {
+        "machine": machine(),
+        "config": {
+            "seq": args.seq,
+            "hidden": args.hidden,
+            "repeats": args.repeats,
+            "vocabs": args.vocabs,
+            "losses": args.losses,
+        },
+        "results": results,
+    }
+    if args.quick:
+        print(markdown(payload))
+        return
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(payload, indent=2) + "\n")
+    update_section(markdown(payload))
+    print(f"wrote {RESULTS} and the {SECTION} section of {DOC}")
+
+
+if __name__ == "__main__":
+    main()
