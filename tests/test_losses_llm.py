@@ -283,3 +283,16 @@ def test_sampled_kd_at_temperature_and_temperature_mismatch():
     assert float(est) == pytest.approx(float(L.kd(s, t, temperature=2.0)), abs=0.05)
     with pytest.raises(ValueError, match="drawn at temperature 2.0"):
         L.kd(s_rep, sig, temperature=4.0)
+
+
+def test_missing_teacher_raises_except_for_ce():
+    s, _, labels, _ = _inputs()
+    with pytest.raises(ValueError, match="needs a teacher"):
+        L.forward_kl(s, None)
+    assert torch.isfinite(L.ce(s, None, labels=labels))
+    h, w = torch.randn(2, 4), torch.randn(5, 4)
+    with pytest.raises(ValueError, match="needs a teacher"):
+        L.fused_linear_loss(h, w, None, loss="kd")
+    lab = torch.tensor([1, 2])
+    fused = L.fused_linear_loss(h, w, None, loss="ce", labels=lab, chunk_size=1)
+    assert float(fused) == pytest.approx(float(L.ce(h @ w.T, None, labels=lab)), rel=1e-6)

@@ -42,6 +42,7 @@ class RowSpec:
     label_flags: tuple[bool, ...] = (False,)  # per component: also drop rows with label -100
     teachers: frozenset[str] = field(default_factory=lambda: frozenset({"dense"}))
     needs_labels: bool = False
+    uses_teacher: bool = True
 
 
 # ----------------------------------------------------------------------------- numerics
@@ -212,6 +213,11 @@ def _weights(
     return torch.stack(cols, -1)
 
 
+def _no_teacher(spec: RowSpec) -> None:
+    if spec.uses_teacher:
+        raise ValueError(f"loss {spec.name!r} needs a teacher (logits, TopK or Sampled), got None")
+
+
 def _prepare(spec: RowSpec, student: Tensor, teacher: Any, labels, mask):
     if spec.needs_labels and labels is None:
         raise ValueError(
@@ -260,6 +266,7 @@ def run_rows(
 ) -> Tensor:
     """Evaluate a row-wise logit loss over all rows, plainly or chunk by chunk."""
     if teacher is None:
+        _no_teacher(spec)
         teacher = student.detach()  # placeholder for losses that ignore the teacher (ce)
     kind, lead, v = _prepare(spec, student, teacher, labels, mask)
     temperature = teacher.temperature if isinstance(teacher, Sampled) else temperature
@@ -431,6 +438,7 @@ def run_fused(
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
     lead, v = hidden.shape[:-1], weight.shape[0]
     if teacher is None:
+        _no_teacher(spec)
         teacher = torch.zeros(*lead, v, dtype=hidden.dtype, device=hidden.device)
     meta = torch.empty(*lead, v, device="meta", dtype=hidden.dtype)  # for shape checks only
     kind, _, _ = _prepare(spec, meta, teacher, labels, mask)

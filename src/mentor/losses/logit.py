@@ -672,7 +672,10 @@ def _build_ce() -> RowSpec:
     def rows(s: Tensor, t: Any, labels: Tensor | None) -> Tensor:
         return _ce_rows(s, labels)
 
-    return RowSpec("ce", rows, label_flags=(True,), teachers=ALL_TEACHERS, needs_labels=True)
+    return RowSpec(
+        "ce", rows, label_flags=(True,), teachers=ALL_TEACHERS, needs_labels=True,
+        uses_teacher=False,
+    )  # fmt: skip
 
 
 @register_loss("ce", check=_CHK_CE)
