@@ -75,6 +75,7 @@ def test_demo_smoke(tmp_path, capsys):
     assert main(["demo", "--smoke", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "distilled student" in out and "student without KD" in out
+    assert "report.html" in out
 
 
 @pytest.mark.slow

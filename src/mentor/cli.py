@@ -7,13 +7,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from rich.console import Console
 from rich.table import Table
 
 import mentor
-
-console = Console()
-err = Console(stderr=True)
+from mentor._console import console, err
 
 
 def _cmd_version(_args: argparse.Namespace) -> int:
@@ -58,6 +55,43 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from mentor.eval.run_eval import evaluate_run
+    from mentor.report.build import summary_rows
+
+    ev = evaluate_run(args.run_dir, baseline=args.baseline, data_overrides=args.data)
+    header, rows = summary_rows(ev)
+    table = Table(*header, title=f"{ev['name']}: held-out evaluation ({ev['examples']} examples)")
+    for r in rows:
+        table.add_row(*r)
+    console.print(table)
+    console.print(f"wrote {args.run_dir}/eval.json")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from mentor.report.build import build_report
+
+    path = build_report(args.run_dir)
+    console.print(f"report: {path.resolve()}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from mentor.report.build import compare_runs
+
+    rows, plot = compare_runs(args.run_dirs, args.out)
+    cols = [c for c in rows[0] if c != "task"]
+    table = Table(*cols, title="runs compared (distilled students)")
+    for r in rows:
+        table.add_row(
+            *(f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols)
+        )
+    console.print(table)
+    console.print(f"comparison plot: {plot}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from mentor.demo import DEMOS, run_demo
 
@@ -69,8 +103,95 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cache_parser(command: str) -> argparse.ArgumentParser:
+    """Options of `mentor cache` / `mentor plan` (options and overrides may be intermixed)."""
+    if command == "cache":
+        p = argparse.ArgumentParser(
+            prog="mentor cache",
+            description="Run a recipe's teacher once over its data and store top-k log-probs "
+            "and/or samples per example (per token for LMs) as sharded Parquet. A killed run "
+            "resumes with the same command. `mentor cache verify DIR` checks a cache. "
+            "Format: docs/cache-format.md",
+        )
+        p.add_argument("recipe", help="recipe name or YAML file (or `verify` followed by DIR)")
+    else:
+        p = argparse.ArgumentParser(
+            prog="mentor plan",
+            description="Estimate parameter counts, FLOPs per token (online vs cached KD), cache "
+            "size and peak logit memory before anything runs (formulas: docs/cache-format.md).",
+        )
+        p.add_argument("recipe", help="recipe name or YAML file")
+    p.add_argument("overrides", nargs="*", help="dotted overrides such as train.batch_size=8")
+    p.add_argument("--top-k", type=int, default=32, help="top-k classes to keep (0: none)")
+    p.add_argument("--samples", type=int, default=0, help="teacher draws per position (0: none)")
+    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
+    if command == "cache":
+        p.add_argument("--out", help="cache directory to write (or resume)")
+        p.add_argument("--features", default="", help="comma-separated teacher modules to pool")
+        p.add_argument("--sampled-logprobs", action="store_true", help="store sampled log-probs")
+        p.add_argument("--splits", default="train", help="train, val or train,val")
+        p.add_argument("--rows-per-shard", type=int, default=1024, help="examples per shard")
+        p.add_argument("--batch-size", type=int, default=16, help="teacher batch size")
+        p.add_argument("--overwrite", action="store_true", help="replace a cache made otherwise")
+    return p
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from mentor.cache import CacheSettings, verify_cache
+
+    args = _cache_parser("cache").parse_intermixed_args(args.args)
+    if args.recipe == "verify":
+        if len(args.overrides) != 1:
+            raise ValueError("usage: mentor cache verify DIR")
+        problems = verify_cache(args.overrides[0])
+        for p in problems:
+            err.print(f"[bold red]problem:[/] {p}", highlight=False, soft_wrap=True)
+        if not problems:
+            console.print(f"{args.overrides[0]}: ok (manifest, row counts and sha256 checked)")
+        return 1 if problems else 0
+    from mentor.cache.writer import cache_recipe
+    from mentor.config import load_config
+
+    if not args.out:
+        raise ValueError("mentor cache RECIPE needs --out DIR (where the cache is written)")
+    cfg = load_config(args.recipe, args.overrides)
+    settings = CacheSettings(
+        top_k=args.top_k,
+        samples=args.samples,
+        features=[f for f in (args.features or "").split(",") if f],
+        dtype=args.dtype,
+        sampled_logprobs=args.sampled_logprobs,
+        rows_per_shard=args.rows_per_shard,
+        batch_size=args.batch_size,
+        seed=cfg.train.seed,
+    )
+    splits = tuple(s for s in args.splits.split(",") if s)
+    m = cache_recipe(cfg, args.out, settings, splits=splits, overwrite=args.overwrite)
+    t = m["totals"]
+    console.print(
+        f"cache {args.out}: {t['rows']:,} examples, {t['tokens']:,} positions, "
+        f"{t['bytes']:,} bytes ({t['bytes_per_token']:.1f} B/position)"
+    )
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from mentor.cache.plan import plan, plan_rows
+    from mentor.config import load_config
+
+    args = _cache_parser("plan").parse_intermixed_args(args.args)
+    cfg = load_config(args.recipe, args.overrides)
+    p = plan(cfg, top_k=args.top_k, samples=args.samples, dtype=args.dtype)
+    table = Table("quantity", "estimate", title=f"plan for {cfg.name} (before anything runs)")
+    for k, v in plan_rows(p):
+        table.add_row(k, v)
+    console.print(table)
+    console.print("formulas: docs/cache-format.md#estimates-mentor-plan", style="dim")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (subcommands: version, losses, recipes, distill, demo)."""
+    """The argument parser (subcommands: version, losses, recipes, distill, demo, cache, plan)."""
     p = argparse.ArgumentParser(
         prog="mentor",
         description="Knowledge distillation: train a small student to imitate a large teacher.",
@@ -92,12 +213,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="dotted overrides such as train.lr=3e-4")
     s.add_argument("--resume", action="store_true", help="continue the run in output.dir")
     s.set_defaults(fn=_cmd_distill)
+    s = sub.add_parser("eval", help="evaluate a finished run: quality, fidelity, calibration, cost")
+    s.add_argument("run_dir", help="a run directory (output.dir of a finished run)")
+    s.add_argument("--baseline", help="run directory of a student trained without the teacher")
+    s.add_argument("--data", nargs="*", default=None, help="data overrides, e.g. data.split_seed=1")
+    s.set_defaults(fn=_cmd_eval)
+    s = sub.add_parser("report", help="build report.md and report.html for a run")
+    s.add_argument("run_dir")
+    s.set_defaults(fn=_cmd_report)
+    s = sub.add_parser("compare", help="compare evaluated runs in a table and a plot")
+    s.add_argument("run_dirs", nargs="+")
+    s.add_argument("--out", default=None, help="path of the comparison plot (compare.png)")
+    s.set_defaults(fn=_cmd_compare)
     s = sub.add_parser("demo", help="the end-to-end demo (teacher, baseline, distilled student)")
     s.add_argument("name", nargs="?", default=None, help="which demo (default: the main one)")
     s.add_argument("--list", action="store_true", help="list the available demos")
     s.add_argument("--out", default="runs/demo", help="where the demo writes its runs")
     s.add_argument("--smoke", action="store_true", help="a few steps only (for tests)")
     s.set_defaults(fn=_cmd_demo)
+    for name, fn, help_ in (
+        ("cache", _cmd_cache, "run a recipe's teacher once and store its signals (see -h)"),
+        ("plan", _cmd_plan, "estimate parameters, FLOPs, cache size and logit memory"),
+    ):
+        s = sub.add_parser(name, help=help_, add_help=False, prefix_chars="\0")
+        s.add_argument("args", nargs=argparse.REMAINDER)  # parsed by _cache_parser (intermixed)
+        s.set_defaults(fn=fn)
     return p
 
 

@@ -1,8 +1,12 @@
-"""Metrics computed on held-out data."""
+"""Metrics computed on held-out data: task quality, fidelity to the teacher, calibration.
+
+Every function takes plain tensors so it can be checked against hand-computed values.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -21,9 +25,35 @@ def accuracy(logits: Tensor, labels: Tensor) -> float:
     return (logits.argmax(-1)[keep] == labels[keep]).float().mean().item()
 
 
+def macro_f1(logits: Tensor, labels: Tensor, num_classes: int | None = None) -> float:
+    """Unweighted mean over classes of the F1 score (scikit-learn's ``average='macro'``)."""
+    from sklearn.metrics import f1_score
+
+    keep = labels != -100
+    y, p = labels[keep].numpy(), logits.argmax(-1)[keep].numpy()
+    classes = list(range(num_classes)) if num_classes else None
+    return float(f1_score(y, p, average="macro", labels=classes, zero_division=0))
+
+
 def agreement(student_logits: Tensor, teacher_logits: Tensor) -> float:
     """Top-1 agreement: share of rows where student and teacher arg-max coincide."""
     return (student_logits.argmax(-1) == teacher_logits.argmax(-1)).float().mean().item()
+
+
+def topk_overlap(student_logits: Tensor, teacher_logits: Tensor, k: int = 5) -> float:
+    """Mean share of the teacher's top-k classes that are also in the student's top-k."""
+    k = min(k, student_logits.shape[-1])
+    s = student_logits.topk(k, dim=-1).indices
+    t = teacher_logits.topk(k, dim=-1).indices
+    hits = (t.unsqueeze(-1) == s.unsqueeze(-2)).any(-1).float().sum(-1)
+    return (hits / k).mean().item()
+
+
+def mean_kl(teacher_logits: Tensor, student_logits: Tensor) -> float:
+    """Mean over rows of KL(p_teacher ‖ p_student) at temperature 1 (nats)."""
+    lt = F.log_softmax(teacher_logits.float(), -1)
+    ls = F.log_softmax(student_logits.float(), -1)
+    return (lt.exp() * (lt - ls)).sum(-1).mean().item()
 
 
 def perplexity(logits: Tensor, labels: Tensor) -> float:
@@ -32,20 +62,63 @@ def perplexity(logits: Tensor, labels: Tensor) -> float:
     return math.exp(nll.item())
 
 
+def reliability(logits: Tensor, labels: Tensor, n_bins: int = 15) -> dict[str, Any]:
+    """Expected calibration error and the reliability curve over ``n_bins`` equal-width bins.
+
+    Confidence = max softmax probability; bin b holds confidences in (b/n, (b+1)/n] (the first
+    bin includes 0). ECE = Σ_b (|B_b|/N)·|acc(B_b) − conf(B_b)| (Guo et al., "On Calibration of
+    Modern Neural Networks", 2017).
+    """
+    keep = labels != -100
+    probs = F.softmax(logits[keep].float(), -1)
+    conf, pred = probs.max(-1)
+    correct = (pred == labels[keep]).float()
+    n = len(conf)
+    edges = torch.linspace(0, 1, n_bins + 1)
+    ids = torch.clamp(torch.bucketize(conf, edges[1:-1], right=False), 0, n_bins - 1)
+    ece = 0.0
+    curve = []
+    for b in range(n_bins):
+        sel = ids == b
+        cnt = int(sel.sum())
+        if cnt:
+            acc_b, conf_b = correct[sel].mean().item(), conf[sel].mean().item()
+            ece += cnt / n * abs(acc_b - conf_b)
+            curve.append({"bin": b, "confidence": conf_b, "accuracy": acc_b, "count": cnt})
+        else:
+            curve.append({"bin": b, "confidence": None, "accuracy": None, "count": 0})
+    return {"ece": ece, "bins": n_bins, "curve": curve}
+
+
+def confusion(logits: Tensor, labels: Tensor, num_classes: int) -> list[list[int]]:
+    """Confusion matrix: rows = true class, columns = predicted class."""
+    keep = labels != -100
+    m = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    for y, p in zip(labels[keep].tolist(), logits.argmax(-1)[keep].tolist()):
+        m[y, p] += 1
+    return m.tolist()
+
+
 @torch.no_grad()
-def predict(model: nn.Module, data: Dataset, batch_size: int = 256) -> tuple[Tensor, Tensor]:
-    """Logits and labels of ``model`` over a classification dataset (eval mode, no grad)."""
+def predict(
+    model: nn.Module,
+    data: Dataset,
+    batch_size: int = 256,
+    collate: Callable[[list[Any]], dict[str, Any]] = default_collate,
+) -> tuple[Tensor, Tensor]:
+    """Outputs and labels of ``model`` over a dataset (eval mode, no grad, on CPU)."""
     was_training = model.training
     model.eval()
     dev = next(model.parameters(), torch.empty(0)).device
-    logits, labels = [], []
+    outs, labels = [], []
     for start in range(0, len(data), batch_size):
-        batch = default_collate([data[i] for i in range(start, min(len(data), start + batch_size))])
+        batch = collate([data[i] for i in range(start, min(len(data), start + batch_size))])
         batch = {k: v.to(dev) if isinstance(v, Tensor) else v for k, v in batch.items()}
-        logits.append(model_outputs(model, batch).float().cpu())
-        labels.append(batch["labels"].cpu())
+        outs.append(model_outputs(model, batch).float().cpu())
+        if "labels" in batch:
+            labels.append(batch["labels"].cpu())
     model.train(was_training)
-    return torch.cat(logits), torch.cat(labels)
+    return torch.cat(outs), (torch.cat(labels) if labels else torch.empty(0))
 
 
 def evaluate_classifier(

@@ -1,0 +1,110 @@
+"""Cost of a model on this machine: parameters, size on disk, latency and throughput."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, default_collate
+
+from mentor.models import model_outputs
+
+
+def cpu_name() -> str:
+    """The CPU model (from /proc/cpuinfo when available)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict[str, Any]:
+    """What cost figures were measured on."""
+    return {
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device": "cpu",
+        "dtype": "float32",
+    }
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Number of parameters (shared tensors counted once)."""
+    seen = {id(p): p.numel() for p in model.parameters()}
+    return sum(seen.values())
+
+
+def size_on_disk(model: nn.Module) -> int:
+    """Bytes of the model's weights saved as safetensors."""
+    from safetensors.torch import save_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "m.safetensors"
+        save_model(model, str(path))
+        return path.stat().st_size
+
+
+@torch.no_grad()
+def time_batches(
+    model: nn.Module,
+    data: Dataset,
+    batch_size: int,
+    *,
+    collate: Callable[[list[Any]], dict[str, Any]] = default_collate,
+    warmup: int = 2,
+    repeats: int = 7,
+    max_seconds: float = 20.0,
+) -> dict[str, float]:
+    """Median/min/max seconds of a forward pass on one batch of ``batch_size`` examples."""
+    model.eval()
+    idx = [i % len(data) for i in range(batch_size)]
+    batch = collate([data[i] for i in idx])
+    for _ in range(warmup):
+        model_outputs(model, batch)
+    times: list[float] = []
+    t_start = time.perf_counter()
+    while len(times) < repeats:
+        t0 = time.perf_counter()
+        model_outputs(model, batch)
+        times.append(time.perf_counter() - t0)
+        if time.perf_counter() - t_start > max_seconds and len(times) >= 3:
+            break
+    return {
+        "median": statistics.median(times),
+        "min": min(times),
+        "max": max(times),
+        "n": len(times),
+    }
+
+
+def measure_cost(
+    model: nn.Module,
+    data: Dataset,
+    *,
+    collate: Callable[[list[Any]], dict[str, Any]] = default_collate,
+    throughput_batch: int = 64,
+) -> dict[str, Any]:
+    """Parameters, size, latency per example at batch 1, throughput at a larger batch."""
+    b1 = time_batches(model, data, 1, collate=collate)
+    bn = time_batches(model, data, throughput_batch, collate=collate, repeats=5)
+    return {
+        "params": parameter_count(model),
+        "size_bytes": size_on_disk(model),
+        "latency_ms": b1["median"] * 1e3,
+        "latency_ms_range": [b1["min"] * 1e3, b1["max"] * 1e3],
+        "throughput_per_s": throughput_batch / bn["median"],
+        "throughput_batch": throughput_batch,
+    }

@@ -1,0 +1,251 @@
+"""``mentor report RUN_DIR`` and ``mentor compare RUN_DIR...``.
+
+Reports are built afterwards from the run directory alone (config.yaml, metrics.jsonl,
+eval.json), never inside training. ``report.md`` links ``plots/*.png``; ``report.html`` embeds
+the same PNGs as data URIs, so it is one self-contained file.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mentor.report import plots
+
+QUALITY = {
+    "classification": ("accuracy", "higher is better"),
+    "causal_lm": ("perplexity", "lower is better"),
+    "embedding": ("cosine_to_teacher", "higher is better"),
+}
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """Records of metrics.jsonl (empty if absent); a corrupt line names its number."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i} is not valid JSON ({e})") from None
+    return out
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        if v != v:
+            return "–"
+        return f"{v:,.4f}" if abs(v) < 100 else f"{v:,.1f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def summary_rows(ev: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the results table (one row per evaluated model)."""
+    from mentor.eval.run_eval import headline
+
+    names = list(ev["models"])
+    heads = [headline(ev, n) for n in names]
+    cols: list[str] = []
+    for h in heads:
+        cols += [k for k in h if k not in cols]
+    rows = [
+        [plots.LABELS.get(n, n), *(_fmt(h.get(c, float("nan"))) for c in cols)]
+        for n, h in zip(names, heads)
+    ]
+    return ["model", *cols], rows
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def build_report(run_dir: str | Path, *, evaluate_if_missing: bool = True) -> Path:
+    """Write report.md, report.html and plots/ for a run; returns the HTML path."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise FileNotFoundError(f"{run_dir} has no config.yaml: not a mentor run directory")
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    records = read_metrics(run_dir)
+    ev_path = run_dir / "eval.json"
+    if not ev_path.exists() and evaluate_if_missing:
+        from mentor.eval.run_eval import evaluate_run
+
+        evaluate_run(run_dir)
+    ev = json.loads(ev_path.read_text()) if ev_path.exists() else None
+
+    pdir = run_dir / "plots"
+    pdir.mkdir(exist_ok=True)
+    sections: list[tuple[str, str, Path | None]] = []  # (title, markdown text, plot)
+    if ev:
+        header, rows = summary_rows(ev)
+        task = ev["task"]
+        metric, direction = QUALITY.get(task, ("accuracy", ""))
+        text = (
+            f"Held-out split: {ev['examples']:,} examples; quality metric **{metric}** "
+            f"({direction}). Latency is the median of repeated batch-1 forward passes after "
+            f"warm-up; throughput uses batch {_first_cost(ev).get('throughput_batch', '?')}. "
+            f"Speedup = teacher latency / model latency, measured in the same process.\n\n"
+            + _md_table(header, rows)
+        )
+        sections.append(("Results", text, None))
+    sections.append(("Training loss terms", "Each named term of the objective, as logged.",
+                     plots.loss_terms(records, pdir / "loss_terms.png")))  # fmt: skip
+    curve = plots.eval_curve(records, pdir / "eval_metrics.png")
+    if curve:
+        sections.append(("Held-out metrics during training", "", curve))
+    if ev:
+        models = ev["models"]
+        rel = plots.reliability(models, pdir / "reliability.png")
+        if rel:
+            sections.append(
+                (
+                    "Calibration",
+                    "Reliability diagram: a calibrated model lies on the diagonal.",
+                    rel,
+                )
+            )
+        metric = QUALITY.get(ev["task"], ("accuracy", ""))[0]
+        qc = plots.quality_vs_cost(models, metric, pdir / "quality_vs_cost.png")
+        if qc:
+            sections.append(("Quality vs size and latency", "", qc))
+        conf = models.get("student", {}).get("confusion")
+        if conf:
+            names = ev.get("class_names") or []
+            sections.append(
+                ("Confusion matrix", "", plots.confusion(conf, names, pdir / "confusion.png"))
+            )
+    sections.append(("Setup", _setup_text(cfg, ev), None))
+
+    title = f"mentor report: {cfg.get('name', run_dir.name)}"
+    md = [f"# {title}", ""]
+    for head, text, plot in sections:
+        md += [f"## {head}", "", text, ""]
+        if plot:
+            md += [f"![{head}](plots/{plot.name})", ""]
+    (run_dir / "report.md").write_text("\n".join(md))
+    out = run_dir / "report.html"
+    out.write_text(_html(title, sections))
+    return out
+
+
+def _first_cost(ev: dict[str, Any]) -> dict[str, Any]:
+    for m in ev["models"].values():
+        if "cost" in m:
+            return m["cost"]
+    return {}
+
+
+def _setup_text(cfg: dict[str, Any], ev: dict[str, Any] | None) -> str:
+    t = cfg.get("train", {})
+    lines = [
+        f"- teacher: `{cfg.get('teacher', {}).get('builder') or cfg.get('teacher', {}).get('source')}`"
+        f", student: `{cfg.get('student', {}).get('builder')}` {cfg.get('student', {}).get('params', {})}",
+        "- objective: " + ", ".join(f"`{k}` {v}" for k, v in cfg.get("objective", {}).items()),
+        f"- train: max_steps={t.get('max_steps')}, epochs={t.get('epochs')}, batch_size={t.get('batch_size')}, "
+        f"lr={t.get('lr')}, schedule={t.get('schedule')}, precision={t.get('precision')}, seed={t.get('seed')}",
+    ]
+    if ev:
+        m = ev["machine"]
+        lines.append(
+            f"- measured on: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, "
+            f"{m['device']}, {m['dtype']}, torch {m['torch']}"
+        )
+    return "\n".join(lines)
+
+
+def _md_inline(text: str) -> str:
+    """Minimal markdown → HTML for report text (tables, bullets, bold, code)."""
+    out, table = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        if table:
+            cells = [
+                [c.strip() for c in r.strip("|").split("|")]
+                for r in table
+                if not r.startswith("|-")
+            ]
+            head, body = cells[0], cells[1:]
+            out.append(
+                "<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>"
+                + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body)
+                + "</table>"
+            )  # fmt: skip
+            table = []
+        if line.startswith("- "):
+            out.append(f"<li>{_inline(line[2:])}</li>")
+        elif line.strip():
+            out.append(f"<p>{_inline(line)}</p>")
+    return "\n".join(out)
+
+
+def _inline(s: str) -> str:
+    s = html.escape(s)
+    s = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", s)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", s)
+
+
+def _html(title: str, sections: list[tuple[str, str, Path | None]]) -> str:
+    css = (
+        "body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0;font-size:14px}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+        "th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}"
+        "img{max-width:100%;border:1px solid #eee}code{background:#f6f6f6;padding:0 3px}"
+    )
+    parts = [
+        "<!DOCTYPE html>",
+        f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+        f"<style>{css}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+    ]
+    for head, text, plot in sections:
+        parts.append(f"<h2>{html.escape(head)}</h2>")
+        if text:
+            parts.append(_md_inline(text))
+        if plot:
+            data = base64.b64encode(plot.read_bytes()).decode()
+            parts.append(f"<img alt='{html.escape(head)}' src='data:image/png;base64,{data}'>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def compare_runs(
+    run_dirs: list[str | Path], out: str | Path | None = None
+) -> tuple[list[dict[str, Any]], Path]:
+    """Rows (one per run, the distilled student's headline numbers) and a comparison plot."""
+    from mentor.eval.run_eval import headline
+
+    rows = []
+    for d in map(Path, run_dirs):
+        ev_path = d / "eval.json"
+        if not ev_path.exists():
+            raise FileNotFoundError(f"{ev_path} is missing: run `mentor eval {d}` first")
+        ev = json.loads(ev_path.read_text())
+        rows.append(
+            {
+                "run": d.name,
+                "name": ev.get("name", ""),
+                "task": ev["task"],
+                **headline(ev, "student"),
+            }
+        )
+    tasks = {r["task"] for r in rows}
+    metric = QUALITY.get(tasks.pop() if len(tasks) == 1 else "classification", ("accuracy",))[0]
+    path = Path(out) if out else Path("compare.png")
+    plots.comparison(rows, metric, path)
+    return rows, path
