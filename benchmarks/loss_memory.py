@@ -42,6 +42,12 @@ def chunk_rows(vocab: int) -> int:
     return max(32, 2**23 // vocab)
 
 
+def _cpu_s() -> float:
+    """User + system CPU seconds of this process (robust to other load on a shared machine)."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
 def _maxrss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
@@ -74,11 +80,14 @@ def run_case(vocab: int, loss: str, mode: str, seq: int, hidden: int, repeats: i
     times = []
     value = 0.0
     peak = 0.0
+    cpu_times = []
     for i in range(repeats):
         h.grad = w.grad = None
+        c0 = _cpu_s()
         t0 = time.perf_counter()
         value = step()
         times.append(time.perf_counter() - t0)
+        cpu_times.append(_cpu_s() - c0)
         if i == 0:
             peak = _maxrss_mib() - base
     grad_norm = float(w.grad.norm())
@@ -92,6 +101,7 @@ def run_case(vocab: int, loss: str, mode: str, seq: int, hidden: int, repeats: i
         "peak_mib": round(peak, 1),
         "time_s": round(min(times), 3),
         "times_s": [round(t, 3) for t in times],
+        "cpu_s": round(min(cpu_times), 3),
         "value": value,
         "grad_w_norm": grad_norm,
     }
@@ -158,6 +168,7 @@ def markdown(payload: dict[str, Any]) -> str:
     cfg = payload["config"]
     lines = [
         "## Logit-loss memory: plain vs chunked vs fused",
+        *(["", "**Partial run** (not every case finished)."] if not payload["complete"] else []),
         "",
         f"Forward + backward from student hidden states `[1, {cfg['seq']}, {cfg['hidden']}]`, "
         f"output head `[V, {cfg['hidden']}]`, dense float32 teacher logits. Peak = process "
@@ -168,8 +179,11 @@ def markdown(payload: dict[str, Any]) -> str:
         f"Ratios are relative to plain. Measured on {m['cpu']} ({m['cores']} cores), torch "
         f"{m['torch']}, {m['date']}. Regenerate with `.venv/bin/python -m benchmarks.loss_memory`.",
         "",
-        "| loss | V | plain peak MiB | plain s | chunked peak MiB (×) | chunked s (×) "
-        "| fused peak MiB (×) | fused s (×) |",
+        "Time columns: wall seconds / CPU seconds (user+system of the process; the machine was "
+        "shared with other jobs, so CPU time is the steadier measure); ratios use CPU time.",
+        "",
+        "| loss | V | plain peak MiB | plain s (wall/CPU) | chunked peak MiB (×) "
+        "| chunked s (×) | fused peak MiB (×) | fused s (×) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     by = {(r["loss"], r["vocab"], r["mode"]): r for r in payload["results"]}
@@ -178,15 +192,18 @@ def markdown(payload: dict[str, Any]) -> str:
             p = by.get((loss, v, "plain"))
             if p is None:
                 continue
-            cells = [loss, str(v), f"{p['peak_mib']:.0f}", f"{p['time_s']:.2f}"]
+            cells = [loss, str(v), f"{p['peak_mib']:.0f}", f"{p['time_s']:.1f} / {p['cpu_s']:.1f}"]
             for mode in ("chunked", "fused"):
                 r = by.get((loss, v, mode))
                 if r is None:
                     cells += ["–", "–"]
                     continue
                 mr = r["peak_mib"] / max(p["peak_mib"], 1e-9)
-                tr = r["time_s"] / max(p["time_s"], 1e-9)
-                cells += [f"{r['peak_mib']:.0f} ({mr:.2f})", f"{r['time_s']:.2f} ({tr:.2f})"]
+                tr = r["cpu_s"] / max(p["cpu_s"], 1e-9)
+                cells += [
+                    f"{r['peak_mib']:.0f} ({mr:.2f})",
+                    f"{r['time_s']:.1f} / {r['cpu_s']:.1f} ({tr:.2f})",
+                ]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -219,27 +236,46 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--vocabs", type=int, nargs="*", default=list(VOCABS))
     ap.add_argument("--losses", nargs="*", default=list(LOSSES))
     ap.add_argument("--quick", action="store_true", help="small sizes, no files written")
+    ap.add_argument("--resume", action="store_true", help="skip cases already in the JSON")
     args = ap.parse_args(argv)
     if args.child:
         _child(args)
         return
     if args.quick:
         args.seq, args.vocabs, args.repeats = 128, [4096], 1
-    results = []
+    results: list[dict[str, Any]] = []
+    done: dict[tuple, dict[str, Any]] = {}
+    if args.resume and RESULTS.exists():  # keep finished cases of an interrupted run
+        old = json.loads(RESULTS.read_text())
+        if old.get("config", {}).get("seq") == args.seq:
+            done = {(r["vocab"], r["loss"], r["mode"]): r for r in old.get("results", [])}
     for v in args.vocabs:
         for loss in args.losses:
             for mode in MODES:
+                if (v, loss, mode) in done:
+                    results.append(done[(v, loss, mode)])
+                    continue
                 mem = _spawn(v, loss, mode, args.seq, args.hidden, 1, MEMORY_ENV)
                 r = _spawn(v, loss, mode, args.seq, args.hidden, args.repeats)
                 r["peak_mib_default_malloc"] = r["peak_mib"]
                 r["peak_mib"] = mem["peak_mib"]
                 results.append(r)
+                if not args.quick:
+                    _write(args, results, complete=False)
                 print(
                     f"V={v:>6} {loss:<10} {mode:<7} peak {r['peak_mib']:>8.0f} MiB  "
-                    f"time {r['time_s']:>7.2f} s  value {r['value']:.6f}",
+                    f"time {r['time_s']:>7.2f} s  cpu {r['cpu_s']:>7.2f} s  value {r['value']:.6f}",
                     flush=True,
                 )
-    payload = {
+    if args.quick:
+        print(markdown(_payload(args, results, complete=True)))
+        return
+    _write(args, results, complete=True)
+    print(f"wrote {RESULTS} and the {SECTION} section of {DOC}")
+
+
+def _payload(args: argparse.Namespace, results: list, *, complete: bool) -> dict[str, Any]:
+    return {
         "machine": machine(),
         "config": {
             "seq": args.seq,
@@ -248,15 +284,17 @@ def main(argv: list[str] | None = None) -> None:
             "vocabs": args.vocabs,
             "losses": args.losses,
         },
+        "complete": complete,
         "results": results,
     }
-    if args.quick:
-        print(markdown(payload))
-        return
+
+
+def _write(args: argparse.Namespace, results: list, *, complete: bool) -> None:
+    """Write the JSON and the markdown section (after every case, so partial runs survive)."""
+    payload = _payload(args, results, complete=complete)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(payload, indent=2) + "\n")
     update_section(markdown(payload))
-    print(f"wrote {RESULTS} and the {SECTION} section of {DOC}")
 
 
 if __name__ == "__main__":
