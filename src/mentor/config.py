@@ -43,6 +43,7 @@ class TeacherConfig(_Strict):
     fit: FitConfig | None = None
     precision: Literal["fp32", "bf16"] = "fp32"
     cache: str | None = None
+    cache_check: Literal["strict", "warn", "off"] = "strict"
     members: list[TeacherConfig] = Field(default_factory=list)
     aggregate: Literal["mean_probs", "mean_logits", "normalized_scores"] = "mean_probs"
     weights: list[float] | None = None

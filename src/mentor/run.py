@@ -117,7 +117,8 @@ def build_teacher(
     if tc.source == "cache":
         from mentor.teachers.store import open_store
 
-        return CachedTeacher(open_store(tc.cache)), None
+        store = open_store(tc.cache, check=tc.cache_check, cfg=cfg, bundle=bundle)
+        return CachedTeacher(store), None
     if tc.source == "ensemble":
         members = [
             OnlineTeacher(build_teacher_module(m, cfg, bundle), precision=m.precision)

@@ -1,0 +1,539 @@
+"""Write a teacher cache: run the teacher once over the data, shard by shard, resumably.
+
+Each shard is written to ``<name>.parquet.tmp``, renamed when complete, and then recorded in
+``<name>.done.json`` (sha256, rows, bytes). A re-run with the same settings skips recorded
+shards, deletes stray temporary files and redoes the rest; ``manifest.json`` is written last.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset, default_collate
+
+from mentor.cache.format import (
+    DTYPES,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    SHARD_DIR,
+    STATE,
+    CacheError,
+    encode_floats,
+    float_type,
+    read_json,
+    sha256_file,
+    shard_name,
+    write_json_atomic,
+)
+from mentor.signals import Sampled, TopK
+
+OUTPUT = "output"  # pseudo feature name: the teacher's output itself (embedding teachers)
+
+
+@dataclass
+class CacheSettings:
+    """What to store per example (per token for LMs) and how to lay it out."""
+
+    top_k: int = 32
+    samples: int = 0
+    features: list[str] = field(default_factory=list)
+    dtype: str = "fp16"
+    sample_temperature: float = 1.0
+    sampled_logprobs: bool = False
+    rows_per_shard: int = 1024
+    row_group_positions: int = 4096
+    batch_size: int = 16
+    seed: int = 0
+
+    def check(self) -> CacheSettings:
+        """Validate the settings (errors name the option and what is allowed)."""
+        if self.top_k < 0 or self.samples < 0:
+            raise ValueError("--top-k and --samples must be >= 0 (0 turns that signal off)")
+        if self.top_k == 0 and self.samples == 0 and not self.features:
+            raise ValueError("nothing to cache: give --top-k K, --samples N or --features NAMES")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"cache dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        if self.samples > 65535:
+            raise ValueError(f"--samples {self.samples}: at most 65535 draws per position")
+        if self.sample_temperature <= 0:
+            raise ValueError("sample temperature must be > 0")
+        for name in ("rows_per_shard", "row_group_positions", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"cache setting {name} must be >= 1")
+        return self
+
+    def layout(self) -> dict[str, Any]:
+        """The settings that change what is written (compared when resuming)."""
+        d = asdict(self)
+        d.pop("batch_size")  # only affects speed (the teacher runs in eval mode)
+        return d
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+def _lengths(batch: Mapping[str, Any], t: int) -> list[int]:
+    """Positions to store per example: up to the last attended token (trailing pad dropped)."""
+    m = batch.get("attention_mask")
+    if m is None:
+        return [t] * len(batch["input_ids"])
+    pos = torch.arange(1, t + 1, device=m.device) * (m != 0)
+    return [int(x) for x in pos.max(dim=1).values]
+
+
+def _pool(x: Tensor, mask: Tensor | None) -> Tensor:
+    """Pool a tapped feature to one vector per example (masked token mean, spatial mean)."""
+    x = x.float()
+    if x.dim() == 3:
+        if mask is None:
+            return x.mean(1)
+        w = mask.to(x.dtype).unsqueeze(-1)
+        return (x * w).sum(1) / w.sum(1).clamp_min(1)
+    if x.dim() == 4:
+        return x.mean((2, 3))
+    return x.reshape(x.shape[0], -1)
+
+
+def _batch_rows(
+    out_logits: Any,
+    feats: Mapping[str, Tensor],
+    batch: Mapping[str, Any],
+    s: CacheSettings,
+    per_token: bool,
+    gen: torch.Generator | None,
+) -> list[dict[str, Any]]:
+    """One dict of numpy arrays per example of the batch."""
+    ids = [int(i) for i in batch["index"]]
+    b = len(ids)
+    logits = out_logits
+    if (s.top_k or s.samples) and not isinstance(logits, Tensor):
+        raise CacheError("the teacher must return a logits tensor to cache top-k or samples")
+    t = logits.shape[1] if per_token else 1
+    lens = _lengths(batch, t) if per_token else [1] * b
+    topk = sampled = None
+    if s.top_k:
+        topk = TopK.from_logits(logits, min(s.top_k, logits.shape[-1]))  # k <= classes
+    if s.samples:
+        sampled = Sampled.from_logits(logits, s.samples, gen, temperature=s.sample_temperature)
+    mask = batch.get("attention_mask") if per_token else None
+    pooled = {name: _pool(f, mask) for name, f in feats.items()}
+    rows = []
+    for i in range(b):
+        n = lens[i]
+        r: dict[str, Any] = {"id": ids[i], "_tokens": n, "_k": topk.k if topk is not None else 0}
+        if per_token:
+            r["seq_len"], r["length"] = t, n
+        if topk is not None:
+            sl = topk[i, :n] if per_token else topk[i]
+            r["topk_indices"] = sl.indices.reshape(-1).cpu().numpy().astype(np.int32)
+            r["topk_logprobs"] = encode_floats(sl.logprobs, s.dtype)
+            r["topk_tail"] = encode_floats(sl.tail, s.dtype)
+        if sampled is not None:
+            sl = sampled[i, :n] if per_token else sampled[i]
+            counts = sl.counts.reshape(-1, sl.counts.shape[-1]).cpu()
+            drawn = counts > 0
+            r["sampled_nnz"] = drawn.sum(-1).numpy().astype(np.uint16)
+            r["sampled_indices"] = (
+                sl.indices.reshape(drawn.shape).cpu()[drawn].numpy().astype(np.int32)
+            )
+            r["sampled_counts"] = counts[drawn].numpy().astype(np.uint16)
+            if s.sampled_logprobs:
+                r["sampled_logprobs"] = encode_floats(
+                    sl.logprobs.reshape(drawn.shape).cpu()[drawn], s.dtype
+                )
+        for name, p in pooled.items():
+            r[f"feature:{name}"] = encode_floats(p[i], s.dtype)
+        rows.append(r)
+    return rows
+
+
+def _table(rows: list[dict[str, Any]], s: CacheSettings) -> pa.Table:
+    """A Parquet row group from row dicts (list columns built from flat values + offsets)."""
+    ftype = float_type(s.dtype)
+    cols: dict[str, pa.Array] = {"id": pa.array([r["id"] for r in rows], pa.int64())}
+    for key in rows[0]:
+        if key in ("id", "_tokens", "_k"):
+            continue
+        if key in ("seq_len", "length"):
+            cols[key] = pa.array([r[key] for r in rows], pa.int32())
+            continue
+        if key in ("topk_indices", "sampled_indices"):
+            elem = pa.int32()
+        elif key in ("sampled_nnz", "sampled_counts"):
+            elem = pa.uint16()
+        else:
+            elem = ftype
+        parts = [r[key] for r in rows]
+        offsets = np.zeros(len(parts) + 1, dtype=np.int32)
+        np.cumsum([len(p) for p in parts], out=offsets[1:])
+        values = pa.array(np.concatenate(parts), type=elem)
+        cols[key] = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values)
+    return pa.table(cols)
+
+
+# ----------------------------------------------------------------------------- shards
+
+
+def _shard_done(root: Path, rel: str) -> dict[str, Any] | None:
+    """The completion record of a shard if the shard is finished and intact, else None."""
+    f = root / rel
+    rec_path = f.with_name(f.name.replace(".parquet", ".done.json"))
+    if not (rec_path.exists() and f.exists()):
+        return None
+    try:
+        rec = read_json(rec_path, "shard record")
+    except CacheError:
+        return None
+    if rec.get("bytes") != f.stat().st_size or rec.get("sha256") != sha256_file(f):
+        return None
+    return rec
+
+
+def _write_shard(
+    root: Path,
+    rel: str,
+    split: str,
+    shard_idx: int,
+    data: Dataset,
+    lo: int,
+    hi: int,
+    run: Callable[[dict[str, Any]], tuple[Any, dict[str, Tensor]]],
+    s: CacheSettings,
+    per_token: bool,
+    collate: Callable[[list[Any]], dict[str, Any]],
+    advance: Callable[[int], None],
+    device: torch.device,
+) -> dict[str, Any]:
+    """Compute and write one shard under a temporary name; rename and record when complete."""
+    final = root / rel
+    tmp = final.with_name(final.name + ".tmp")
+    gen = None
+    if s.samples:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(s.seed * 1_000_003 + zlib.crc32(split.encode()) * 100_003 + shard_idx)
+    tokens = rows_n = k_eff = 0
+    feat_dims: dict[str, int] = {}
+    pending: list[dict[str, Any]] = []
+    pending_pos = 0
+    writer: pq.ParquetWriter | None = None
+
+    def flush() -> None:
+        nonlocal writer, pending, pending_pos
+        if not pending:
+            return
+        table = _table(pending, s)
+        if writer is None:
+            writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
+        writer.write_table(table, row_group_size=len(pending))
+        pending, pending_pos = [], 0
+
+    try:
+        for a in range(lo, hi, s.batch_size):
+            items = [data[i] for i in range(a, min(hi, a + s.batch_size))]
+            if "index" not in items[0]:
+                raise CacheError(
+                    f"{split} data item {a} has no 'index' field (a stable example id); "
+                    "cached teachers look signals up by it"
+                )
+            batch = collate(items)
+            batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+            logits, feats = run(batch)
+            for r in _batch_rows(logits, feats, batch, s, per_token, gen):
+                tokens += r["_tokens"]
+                rows_n += 1
+                k_eff = r["_k"]
+                for k, v in r.items():
+                    if k.startswith("feature:"):
+                        feat_dims[k.removeprefix("feature:")] = len(v)
+                pending.append(r)
+                pending_pos += r["_tokens"]
+                if pending_pos >= s.row_group_positions:
+                    flush()
+            advance(len(items))
+        flush()
+    except BaseException:
+        if writer is not None:
+            writer.close()
+        raise
+    if writer is not None:
+        writer.close()
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    rec = {
+        "file": rel,
+        "split": split,
+        "shard": shard_idx,
+        "first_row": lo,
+        "rows": rows_n,
+        "tokens": tokens,
+        "bytes": final.stat().st_size,
+        "sha256": sha256_file(final),
+        "feature_dims": feat_dims,
+        "topk_k": k_eff,
+    }
+    write_json_atomic(final.with_name(final.name.replace(".parquet", ".done.json")), rec)
+    return rec
+
+
+def _compare(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the fields that differ between two nested mappings."""
+    diffs = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            diffs += _compare(a, b, f"{prefix}{k}.")
+        elif a != b:
+            diffs.append(f"{prefix}{k} ({a!r} -> {b!r})")
+    return diffs
+
+
+def write_cache(
+    teacher: nn.Module,
+    splits: Mapping[str, Dataset],
+    out: str | Path,
+    settings: CacheSettings | None = None,
+    *,
+    provenance: Mapping[str, Any] | None = None,
+    task: str | None = None,
+    precision: str = "fp32",
+    device: str | torch.device | None = None,
+    collate: Callable[[list[Any]], dict[str, Any]] = default_collate,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Run ``teacher`` over every split once and write the cache; returns the manifest.
+
+    ``splits`` maps a split name (``train``, ``val``) to a dataset whose items carry ``index``
+    (a stable example id). ``provenance`` (see :func:`mentor.cache.provenance.describe`) is
+    recorded in the manifest; by default the teacher weights and data are hashed here. A
+    re-run with the same arguments resumes an interrupted cache; other settings are refused.
+    """
+    from mentor.cache.provenance import describe
+    from mentor.engine.progress import Progress
+    from mentor.teachers import OnlineTeacher
+
+    s = (settings or CacheSettings()).check()
+    root = Path(out)
+    if not splits or any(len(d) == 0 for d in splits.values()):
+        raise ValueError("write_cache needs at least one non-empty split")
+    prov = dict(provenance) if provenance is not None else describe(teacher, splits, precision)
+    first = splits[next(iter(splits))][0]
+    if task is None:
+        task = "causal_lm" if "input_ids" in first and "labels" not in first else "classification"
+    per_token = task == "causal_lm"
+    if task == "embedding" and (s.top_k or s.samples):
+        raise ValueError(
+            "an embedding teacher has no classes: use --top-k 0 (its output is cached as the "
+            "feature 'output'; add other modules with --features)"
+        )
+    # a collate that trims batch-wide padding makes per-token batches as wide as their longest
+    # example; otherwise as wide as the stored sequences
+    width = "seq_len"
+    if per_token and collate([first])["input_ids"].shape[-1] < first["input_ids"].shape[-1]:
+        width = "longest"
+    state = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "task": task,
+        "per_token": per_token,
+        "batch_width": width,
+        "settings": s.layout(),
+        "provenance": prov,
+        "splits": {k: len(d) for k, d in splits.items()},
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    (root / SHARD_DIR).mkdir(exist_ok=True)
+    if (root / STATE).exists() and not overwrite:
+        old = read_json(root / STATE, "cache state")
+        diffs = _compare(old, state)
+        if diffs:
+            raise CacheError(
+                f"{root} holds a cache made with other settings or inputs: "
+                + "; ".join(diffs[:6])
+                + ". Use another --out, or pass --overwrite to replace it"
+            )
+        if (root / MANIFEST).exists():
+            return read_json(root / MANIFEST, "manifest")
+    if overwrite:
+        for p in [root / MANIFEST, root / STATE, *(root / SHARD_DIR).iterdir()]:
+            if p.is_file():
+                p.unlink()
+    (root / MANIFEST).unlink(missing_ok=True)
+    write_json_atomic(root / STATE, state)
+    for stray in (root / SHARD_DIR).glob("*.tmp"):
+        stray.unlink()  # a shard that was being written when the last run stopped
+
+    dev = torch.device(device) if device else torch.device("cpu")
+    taps = [f for f in s.features if f != OUTPUT]
+    online = OnlineTeacher(teacher, precision=precision, taps=taps).to(dev)
+
+    def run(batch: dict[str, Any]) -> tuple[Any, dict[str, Tensor]]:
+        out_ = online(batch)
+        feats = dict(out_.features)
+        if OUTPUT in s.features:
+            feats[OUTPUT] = out_.logits
+        return out_.logits, feats
+
+    plan = []
+    for split, data in splits.items():
+        n_shards = math.ceil(len(data) / s.rows_per_shard)
+        for i in range(n_shards):
+            lo, hi = i * s.rows_per_shard, min(len(data), (i + 1) * s.rows_per_shard)
+            plan.append((split, i, lo, hi, shard_name(split, i)))
+    records: dict[str, dict[str, Any]] = {}
+    for _split, _, lo, hi, rel in plan:
+        rec = _shard_done(root, rel)
+        if rec is not None and rec.get("rows") == hi - lo:
+            records[rel] = rec
+    total_rows = sum(len(d) for d in splits.values())
+    done_rows = sum(r["rows"] for r in records.values())
+    bar = Progress(total_rows, enabled=progress, initial=done_rows, label="cache")
+    pos = [done_rows]
+
+    def advance(n: int) -> None:
+        pos[0] += n
+        bar.update(pos[0], {})
+
+    try:
+        for split, i, lo, hi, rel in plan:
+            if rel in records:
+                continue
+            data = splits[split]
+            args = (split, i, data, lo, hi, run, s, per_token, collate, advance, dev)
+            records[rel] = _write_shard(root, rel, *args)
+    finally:
+        bar.close()
+        if online._hooks is not None:
+            online._hooks.remove()
+    manifest = _manifest(state, [records[p[4]] for p in plan])
+    write_json_atomic(root / MANIFEST, manifest)
+    return manifest
+
+
+def _manifest(state: Mapping[str, Any], shards: list[dict[str, Any]]) -> dict[str, Any]:
+    import mentor
+
+    s = state["settings"]
+    rows = sum(r["rows"] for r in shards)
+    tokens = sum(r["tokens"] for r in shards)
+    nbytes = sum(r["bytes"] for r in shards)
+    dims: dict[str, int] = {}
+    for r in shards:
+        dims.update(r.get("feature_dims", {}))
+    prov = state["provenance"]
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "mentor_version": mentor.__version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "task": state["task"],
+        "per_token": state["per_token"],
+        "batch_width": state["batch_width"],
+        "signals": {
+            "topk": {"k": shards[0].get("topk_k"), "dtype": s["dtype"], "temperature": 1.0}
+            if s["top_k"]
+            else None,
+            "sampled": {
+                "n": s["samples"],
+                "temperature": s["sample_temperature"],
+                "logprobs": s["sampled_logprobs"],
+                "seed": s["seed"],
+            }
+            if s["samples"]
+            else None,
+            "features": {
+                name: {"dim": dims.get(name), "dtype": s["dtype"], "pool": "mean"}
+                for name in s["features"]
+            },
+        },
+        "settings": s,
+        "teacher": prov.get("teacher"),
+        "tokenizer": prov.get("tokenizer"),
+        "data": prov.get("data"),
+        "splits": {
+            split: {
+                "rows": sum(r["rows"] for r in shards if r["split"] == split),
+                "tokens": sum(r["tokens"] for r in shards if r["split"] == split),
+                "shards": sum(1 for r in shards if r["split"] == split),
+            }
+            for split in state["splits"]
+        },
+        "totals": {
+            "rows": rows,
+            "tokens": tokens,
+            "bytes": nbytes,
+            "bytes_per_token": round(nbytes / max(tokens, 1), 3),
+        },
+        "shards": [
+            {k: r[k] for k in ("file", "split", "first_row", "rows", "tokens", "bytes", "sha256")}
+            for r in shards
+        ],
+    }
+
+
+def cache_recipe(
+    cfg: Any,
+    out: str | Path,
+    settings: CacheSettings | None = None,
+    *,
+    splits: tuple[str, ...] = ("train",),
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Build a recipe's data and teacher the way ``mentor distill`` does and cache it."""
+    from accelerate.utils import set_seed
+
+    from mentor.cache.provenance import recipe_provenance
+    from mentor.data import build_data
+    from mentor.run import build_teacher_module
+
+    tc = cfg.teacher
+    if tc.source not in ("online", "cache") or not (tc.builder or tc.path):
+        raise ValueError(
+            f"mentor cache runs the recipe's own teacher (teacher.builder or teacher.path); "
+            f"teacher.source={tc.source!r} with builder={tc.builder!r}, path={tc.path!r} has "
+            "none to run"
+        )
+    bad = [s for s in splits if s not in ("train", "val")]
+    if bad or not splits:
+        raise ValueError(f"--splits {','.join(splits)}: choose from train, val")
+    set_seed(cfg.train.seed)
+    bundle = build_data(
+        cfg.data.source, cfg.data.params, cfg.data.val_fraction, cfg.data.split_seed
+    )
+    torch.manual_seed(cfg.train.seed)  # a teacher built without fitting depends on the seed
+    teacher = build_teacher_module(tc, cfg, bundle)
+    data = {s: bundle.train if s == "train" else bundle.val for s in splits}
+    prov = recipe_provenance(cfg, bundle, teacher, data)
+    settings = settings or CacheSettings()
+    if bundle.info.task == "embedding" and OUTPUT not in settings.features:
+        settings.top_k, settings.samples = 0, 0
+        settings.features = [*settings.features, OUTPUT]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return write_cache(
+        teacher,
+        data,
+        out,
+        settings,
+        provenance=prov,
+        task=bundle.info.task,
+        precision=tc.precision,
+        device=device,
+        collate=getattr(bundle, "collate", None) or default_collate,
+        progress=progress,
+        overwrite=overwrite,
+    )
