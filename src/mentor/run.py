@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,13 +17,15 @@ from rich.console import Console
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
+from mentor.build import OUTPUT_TAP, build_run_data, check_student_vocab, student_needs_teacher
 from mentor.config import FitConfig, RunConfig, TeacherConfig
-from mentor.data import DataBundle, DataInfo, build_data
+from mentor.data import DataBundle
 from mentor.engine import Distiller
 from mentor.engine.progress import Progress
-from mentor.eval.metrics import evaluate_classifier
 from mentor.losses import Objective
 from mentor.models import model_outputs
+from mentor.models.assets import cache_root
+from mentor.run_metrics import final_metrics, lm_perplexity
 from mentor.students import build_model, load_model, save_model
 from mentor.students.builders import count_parameters
 from mentor.teachers import CachedTeacher, EMATeacher, EnsembleTeacher, OnlineTeacher, TeacherSource
@@ -41,11 +44,28 @@ class RunResult:
 
 
 def fit_supervised(
-    model: nn.Module, data: Dataset, fit: FitConfig, seed: int, label: str = "teacher"
+    model: nn.Module,
+    data: Dataset,
+    fit: FitConfig,
+    seed: int,
+    label: str = "teacher",
+    *,
+    task: str = "classification",
+    collate: Callable[[list[Any]], dict[str, Any]] | None = None,
 ) -> nn.Module:
-    """Train ``model`` on labels with cross-entropy (used for toy teachers)."""
+    """Train ``model`` on labels with cross-entropy (teachers a recipe trains itself).
+
+    Causal LMs learn next-token prediction; an encoder classifier with a frozen encoder trains
+    only its head, on pooled features computed once.
+    """
+    collate = collate or default_collate
     torch.manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=fit.lr, weight_decay=fit.weight_decay)
+    if hasattr(model, "fit_head") and getattr(model, "encoder_frozen", lambda: False)():
+        model.fit_head(data, fit, seed, collate)
+        return model.eval()
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=fit.lr, weight_decay=fit.weight_decay
+    )
     n = len(data)
     per_epoch = max(1, n // fit.batch_size)
     total = max(1, math.ceil(fit.epochs * per_epoch))
@@ -58,10 +78,18 @@ def fit_supervised(
         for k in range(per_epoch):
             if step >= total:
                 break
-            batch = default_collate(
+            batch = collate(
                 [data[int(i)] for i in perm[k * fit.batch_size : (k + 1) * fit.batch_size]]
             )
-            loss = F.cross_entropy(model_outputs(model, batch), batch["labels"], ignore_index=-100)
+            out = model_outputs(model, batch)
+            if task == "causal_lm":
+                labels = batch["input_ids"][:, 1:].masked_fill(
+                    batch["attention_mask"][:, 1:] == 0, -100
+                )
+                out, target = out[:, :-1].reshape(-1, out.shape[-1]), labels.reshape(-1)
+            else:
+                target = batch["labels"]
+            loss = F.cross_entropy(out, target, ignore_index=-100)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -77,34 +105,61 @@ def _hash(obj: Any) -> str:
 
 
 def build_teacher_module(tc: TeacherConfig, cfg: RunConfig, bundle: DataBundle) -> nn.Module:
-    """The teacher network: a saved model folder (``path``) or a builder, trained if ``fit``."""
+    """The teacher network: a saved model folder (``path``) or a builder, trained if ``fit``.
+
+    A fitted teacher is saved in ``RUN/teacher`` and in ``$MENTOR_CACHE/teachers/<key>``
+    (keyed by builder, params, fit, data and seed), so other runs of the recipe reuse it.
+    """
     if tc.path:
         model, _ = load_model(tc.path)
         return model
     if not tc.builder:
         raise ValueError("teacher needs teacher.builder (with teacher.params) or teacher.path")
-    model = build_model(tc.builder, tc.params, bundle.info)
     if tc.fit is None:
-        return model
-    # A trained toy teacher is cached in the run directory, keyed by what determines it.
+        return build_model(tc.builder, tc.params, bundle.info, data=bundle.train)
     key = _hash([tc.builder, tc.params, tc.fit.model_dump(), cfg.data.model_dump(), cfg.train.seed])
     folder = Path(cfg.output.dir) / "teacher"
-    meta = folder / "fit_key.txt"
-    if meta.exists() and meta.read_text() == key:
-        model, _ = load_model(folder)
-        return model
+    shared = cache_root().parent / "teachers" / key
+    for f in (folder, shared):
+        meta = f / "fit_key.txt"
+        if meta.exists() and meta.read_text() == key:
+            model, _ = load_model(f)
+            if f is shared:
+                _save_fitted(model, folder, tc, bundle, key)
+            return model
     set_seed(cfg.train.seed)
-    model = build_model(tc.builder, tc.params, bundle.info)
-    fit_supervised(model, bundle.train, tc.fit, cfg.train.seed)
-    save_model(model, folder, tc.builder, tc.params, bundle.info)
-    meta.write_text(key)
+    model = build_model(tc.builder, tc.params, bundle.info, data=bundle.train)
+    fit_supervised(
+        model,
+        bundle.train,
+        tc.fit,
+        cfg.train.seed,
+        task=bundle.info.task,
+        collate=bundle.collate,
+    )
+    for f in (folder, shared):
+        _save_fitted(model, f, tc, bundle, key)
     return model
 
 
+def _save_fitted(
+    model: nn.Module, folder: Path, tc: TeacherConfig, bundle: DataBundle, key: str
+) -> None:
+    save_model(model, folder, tc.builder or "", tc.params, bundle.info)
+    (folder / "fit_key.txt").write_text(key)
+
+
 def build_teacher(
-    cfg: RunConfig, bundle: DataBundle, student: nn.Module | None, taps: list[str]
+    cfg: RunConfig,
+    bundle: DataBundle,
+    student: nn.Module | None,
+    taps: list[str],
+    module: nn.Module | None = None,
 ) -> tuple[TeacherSource | None, nn.Module | None]:
-    """The teacher source for the config (and the underlying module when there is one)."""
+    """The teacher source for the config (and the underlying module when there is one).
+
+    ``module``: an online teacher already built (e.g. to derive the student from it).
+    """
     tc = cfg.teacher
     if tc.source == "ema":
         if student is None:
@@ -125,30 +180,34 @@ def build_teacher(
             for m in tc.members
         ]
         return EnsembleTeacher(members, aggregate=tc.aggregate, weights=tc.weights), None
-    if not tc.builder and not tc.path:
-        return None, None
-    module = build_teacher_module(tc, cfg, bundle)
+    if module is None:
+        if not tc.builder and not tc.path:
+            return None, None
+        module = build_teacher_module(tc, cfg, bundle)
     return OnlineTeacher(module, precision=tc.precision, taps=taps), module
 
 
 def distill(cfg: RunConfig, *, resume: bool = False, quiet: bool = False) -> RunResult:
     """Run the whole recipe: data, teacher, student, training, held-out evaluation."""
     set_seed(cfg.train.seed)
-    bundle = build_data(
-        cfg.data.source, cfg.data.params, cfg.data.val_fraction, cfg.data.split_seed
-    )
+    bundle = build_run_data(cfg)
     Path(cfg.output.dir).mkdir(parents=True, exist_ok=True)
     objective = Objective(cfg.objective)
-    teacher_taps = [t for _, t in objective.taps.values()]
+    teacher_taps = [t for _, t in objective.taps.values() if t != OUTPUT_TAP]
     uses_teacher = any(t.name != "ce" for t in objective.terms.values())
+    tc = cfg.teacher
     teacher_module: nn.Module | None = None
     teacher: TeacherSource | None = None
-    if uses_teacher and cfg.teacher.source != "ema":
-        teacher, teacher_module = build_teacher(cfg, bundle, None, teacher_taps)
+    online = tc.source == "online" and bool(tc.builder or tc.path)
+    if online and (uses_teacher or student_needs_teacher(cfg)):
+        teacher_module = build_teacher_module(tc, cfg, bundle)
     set_seed(cfg.train.seed)
-    student = build_model(cfg.student.builder, cfg.student.params, bundle.info, teacher_module)
-    if uses_teacher and cfg.teacher.source == "ema":
-        teacher, teacher_module = build_teacher(cfg, bundle, student, teacher_taps)
+    student = build_model(
+        cfg.student.builder, cfg.student.params, bundle.info, teacher_module, data=bundle.train
+    )
+    check_student_vocab(cfg, bundle, teacher_module, student)
+    if uses_teacher:
+        teacher, teacher_module = build_teacher(cfg, bundle, student, teacher_taps, teacher_module)
     if not quiet:
         t_params = f"{count_parameters(teacher_module):,}" if teacher_module is not None else "-"
         console.print(
@@ -156,6 +215,10 @@ def distill(cfg: RunConfig, *, resume: bool = False, quiet: bool = False) -> Run
             f"{count_parameters(student):,} ({cfg.student.builder}); objective "
             + " + ".join(f"{w:g}*{n}" for n, w in objective.weights.items())
         )
+    collate = bundle.collate or default_collate
+    before: dict[str, Any] = {}
+    if bundle.info.task == "causal_lm" and not resume:
+        before = {"student_init_perplexity": lm_perplexity(student, bundle.val, collate)}
 
     def save_student(model: nn.Module, folder: Path) -> None:
         save_model(model, folder, cfg.student.builder, cfg.student.params, bundle.info)
@@ -169,9 +232,10 @@ def distill(cfg: RunConfig, *, resume: bool = False, quiet: bool = False) -> Run
         val_data=bundle.val,
         task=bundle.info.task,
         save_student=save_student,
+        collate_fn=collate,
     )
     run_dir = distiller.fit(resume=resume)
-    metrics = _final_metrics(student, teacher_module, bundle.val, bundle.info)
+    metrics = {**before, **final_metrics(student, teacher_module, bundle)}
     (run_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
     return RunResult(run_dir, metrics, student, teacher_module)
 
@@ -198,9 +262,7 @@ def load_run(run_dir: str | Path) -> LoadedRun:
             f"{run_dir}/student is missing: the run did not finish (continue it with --resume)"
         )
     cfg = load_config(run_dir / "config.yaml")
-    bundle = build_data(
-        cfg.data.source, cfg.data.params, cfg.data.val_fraction, cfg.data.split_seed
-    )
+    bundle = build_run_data(cfg)
     student, _ = load_model(run_dir / "student")
     teacher = None
     tc = cfg.teacher
@@ -208,16 +270,6 @@ def load_run(run_dir: str | Path) -> LoadedRun:
         teacher, _ = load_model(Path(tc.run) / "student")
     elif tc.source == "online" and (tc.builder or tc.path):
         teacher = build_teacher_module(tc, cfg, bundle)
+    if teacher is not None and bundle.info.task == "causal_lm":
+        check_student_vocab(cfg, bundle, teacher, student)
     return LoadedRun(cfg, bundle, teacher.eval() if teacher is not None else None, student.eval())
-
-
-def _final_metrics(
-    student: nn.Module, teacher: nn.Module | None, val: Dataset, info: DataInfo
-) -> dict[str, Any]:
-    if info.task != "classification":
-        return {}
-    m = evaluate_classifier(student, val, teacher)
-    out = {"student_accuracy": m["accuracy"], "student_ce": m["ce"]}
-    if teacher is not None:
-        out.update(teacher_accuracy=m["teacher_accuracy"], agreement=m["agreement"])
-    return out

@@ -1,5 +1,16 @@
 """Data sources: registered by name, each returns train/val datasets and a description."""
 
+from mentor.data import images, text  # noqa: F401  (registers the text and image sources)
 from mentor.data.sources import DATASETS, DataBundle, DataInfo, TensorDataset, build_data
+from mentor.data.text import TextDataset, TokenBlocks, text_collate
 
-__all__ = ["DATASETS", "DataBundle", "DataInfo", "TensorDataset", "build_data"]
+__all__ = [
+    "DATASETS",
+    "DataBundle",
+    "DataInfo",
+    "TensorDataset",
+    "TextDataset",
+    "TokenBlocks",
+    "build_data",
+    "text_collate",
+]

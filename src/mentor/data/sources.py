@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,9 @@ class DataInfo:
     num_classes: int | None = None
     class_names: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    tokenizer: str | None = None  # model spec whose tokenizer produced input_ids
+    vocab_size: int | None = None  # token ids are < vocab_size (token data)
+    max_length: int | None = None  # padded sequence length (token data)
 
 
 @dataclass
@@ -34,6 +38,7 @@ class DataBundle:
     train: Dataset
     val: Dataset
     info: DataInfo
+    collate: Callable[[list[Any]], dict[str, Any]] | None = None  # None: default_collate
 
 
 class TensorDataset(Dataset):
@@ -127,10 +132,40 @@ def random_classification(
     return _bundle_from_arrays(x.astype(np.float32), y, val_fraction, seed, info)
 
 
-def build_data(source: str, params: dict[str, Any], val_fraction: float, seed: int) -> DataBundle:
-    """Build the dataset named ``source`` (errors name ``data.source`` / ``data.params``)."""
+def accepts(fn: Callable[..., Any], name: str) -> bool:
+    """True when ``fn`` takes a keyword argument ``name``."""
+    import inspect
+
+    return name in inspect.signature(fn).parameters
+
+
+def build_data(
+    source: str,
+    params: dict[str, Any],
+    val_fraction: float,
+    seed: int,
+    *,
+    tokenizer: str | None = None,
+) -> DataBundle:
+    """Build the dataset named ``source`` (errors name ``data.source`` / ``data.params``).
+
+    Text sources tokenise with ``params["tokenizer"]`` or, when absent, the ``tokenizer``
+    given here (``mentor.run`` passes the teacher's model).
+    """
+    import inspect
+
     fn = DATASETS.get(source)
-    try:
-        return fn(**params, val_fraction=val_fraction, seed=seed)
-    except TypeError as e:
-        raise ValueError(f"data.params for source {source!r}: {e}") from None
+    sig = inspect.signature(fn)
+    valid = [p for p in sig.parameters if p not in ("val_fraction", "seed")]
+    unknown = [k for k in params if k not in valid]
+    if unknown and not any(v.kind is v.VAR_KEYWORD for v in sig.parameters.values()):
+        from mentor.registry import did_you_mean
+
+        raise ValueError(
+            f"data.params for source {source!r} has no parameter {unknown[0]!r}."
+            f"{did_you_mean(unknown[0], valid)} Valid parameters: {', '.join(valid)}"
+        )
+    kw = dict(params)
+    if tokenizer is not None and "tokenizer" in sig.parameters and kw.get("tokenizer") is None:
+        kw["tokenizer"] = tokenizer
+    return fn(**kw, val_fraction=val_fraction, seed=seed)

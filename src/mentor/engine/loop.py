@@ -37,6 +37,10 @@ from mentor.losses import Objective
 from mentor.models import model_outputs
 from mentor.teachers import FeatureTaps, TeacherOutput, TeacherSource
 
+# Feature/batch terms may name this pseudo tap to compare the models' outputs themselves
+# (e.g. sentence embeddings: ``{loss: cosine_embedding, student: output, teacher: output}``).
+OUTPUT_TAP = "output"
+
 
 class DistillModule(nn.Module):
     """The student, its feature taps and the objective (with any learned projectors) as one
@@ -48,7 +52,7 @@ class DistillModule(nn.Module):
         self.student = student
         self.objective = objective
         self.task = task
-        paths = [s for s, _ in objective.taps.values()]
+        paths = [s for s, _ in objective.taps.values() if s != OUTPUT_TAP]
         self._taps = FeatureTaps(student, paths, role="student") if paths else None
 
     def forward(self, batch: dict[str, Any], teacher: TeacherOutput) -> dict[str, Tensor]:
@@ -61,13 +65,17 @@ class DistillModule(nn.Module):
             labels = batch["input_ids"][:, 1:]
             mask = batch.get("attention_mask")
             mask = mask[:, 1:].bool() if mask is not None else None
+        t_feats = teacher.features
+        if self.objective.taps:
+            feats = {**feats, OUTPUT_TAP: logits}
+            t_feats = {**t_feats, OUTPUT_TAP: t_logits}
         return self.objective(
             logits,
             t_logits,
             labels=labels,
             mask=mask,
             student_features=feats,
-            teacher_features=teacher.features,
+            teacher_features=t_feats,
         )
 
 

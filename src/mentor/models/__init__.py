@@ -1,4 +1,9 @@
-"""Adapters: run any supported model on a batch and get its logits (or embeddings)."""
+"""Adapters: run any supported model on a batch and get its logits (or embeddings).
+
+Families: Hugging Face causal LMs (logits ``[B, T, V]``), encoders as sequence classifiers
+(``[B, C]``) or sentence embedders (``[B, D]``, L2-normalised), TF-IDF + MLP students that
+read raw texts, and any ``nn.Module`` returning logits.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +11,29 @@ from typing import Any
 
 from torch import Tensor, nn
 
+# Attribute set on a model whose logits must be cut to a common vocabulary (see vocab.py).
+VOCAB_LIMIT_ATTR = "mentor_vocab_limit"
+
 
 def model_outputs(model: nn.Module, batch: dict[str, Any]) -> Tensor:
-    """Call ``model`` on ``batch`` and return its logits tensor.
+    """Call ``model`` on ``batch`` and return its logits (or embeddings) tensor.
 
-    Batches with ``input_ids`` are passed as keyword arguments (Hugging Face style, with the
-    attention mask); others call ``model(batch["inputs"])``. Outputs with a ``.logits``
-    attribute, tuples (first element) and bare tensors are all accepted.
+    Models with ``takes_texts = True`` (TF-IDF students) get ``batch["texts"]``, a list of
+    strings. Batches with ``input_ids`` are passed as keyword arguments (Hugging Face style,
+    with the attention mask); others call ``model(batch["inputs"])``. Outputs with a
+    ``.logits`` attribute, tuples (first element) and bare tensors are all accepted. Logits of
+    a model marked by the vocabulary check are trimmed to the common vocabulary size.
     """
-    if "input_ids" in batch:
+    if getattr(model, "takes_texts", False) or getattr(
+        getattr(model, "module", None), "takes_texts", False
+    ):
+        if "texts" not in batch:
+            raise KeyError(
+                f"{type(model).__name__} reads raw texts but the batch has no 'texts' "
+                f"(keys: {sorted(batch)}); use a text data source"
+            )
+        out = model(batch["texts"])
+    elif "input_ids" in batch:
         kwargs = {"input_ids": batch["input_ids"]}
         if batch.get("attention_mask") is not None:
             kwargs["attention_mask"] = batch["attention_mask"]
@@ -24,7 +43,13 @@ def model_outputs(model: nn.Module, batch: dict[str, Any]) -> Tensor:
     else:
         raise KeyError(f"batch has neither 'input_ids' nor 'inputs' (keys: {sorted(batch)})")
     if hasattr(out, "logits"):
-        return out.logits
-    if isinstance(out, (tuple, list)):
-        return out[0]
+        out = out.logits
+    elif isinstance(out, (tuple, list)):
+        out = out[0]
+    limit = getattr(model, VOCAB_LIMIT_ATTR, None)
+    if limit is not None and out.shape[-1] > limit:
+        out = out[..., :limit]
     return out
+
+
+__all__ = ["VOCAB_LIMIT_ATTR", "model_outputs"]

@@ -1,5 +1,19 @@
-"""Model builders used by name for students (and toy teachers) in recipes."""
+"""Model builders used by name for students (and teachers) in recipes.
 
+``mlp``, ``cnn``, ``hf_causal_lm``, ``hf_classifier``, ``hf_embedder``, ``hf_config``,
+``layer_drop``, ``shrink``, ``tfidf_mlp`` and ``hf:<path>`` (a user's own model).
+"""
+
+from mentor.students import hf_builders  # noqa: F401  (registers the HF and TF-IDF builders)
 from mentor.students.builders import BUILDERS, build_model, load_model, save_model
+from mentor.students.vocab import VocabMismatchError, check_vocab, reconcile
 
-__all__ = ["BUILDERS", "build_model", "load_model", "save_model"]
+__all__ = [
+    "BUILDERS",
+    "VocabMismatchError",
+    "build_model",
+    "check_vocab",
+    "load_model",
+    "reconcile",
+    "save_model",
+]

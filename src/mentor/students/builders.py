@@ -81,9 +81,19 @@ def cnn(
 
 
 def build_model(
-    builder: str, params: dict[str, Any], info: DataInfo, teacher: nn.Module | None = None
+    builder: str,
+    params: dict[str, Any],
+    info: DataInfo,
+    teacher: nn.Module | None = None,
+    data: Any = None,
 ) -> nn.Module:
-    """Build a model by registered name; bad parameters name the builder and valid ones."""
+    """Build a model by registered name; bad parameters name the builder and valid ones.
+
+    ``hf:<path>`` loads a user's own Hugging Face model (``builder="hf"`` with ``model=path``).
+    Builders that take a ``data`` argument (e.g. ``tfidf_mlp``) get the training set.
+    """
+    if builder.startswith("hf:"):
+        builder, params = "hf", {**params, "model": builder[3:]}
     fn = BUILDERS.get(builder)
     sig = inspect.signature(fn)
     valid = [p for p, v in sig.parameters.items() if v.kind is inspect.Parameter.KEYWORD_ONLY]
@@ -95,6 +105,8 @@ def build_model(
             f"builder {builder!r} has no parameter {unknown[0]!r}."
             f"{did_you_mean(unknown[0], valid)} Valid parameters: {', '.join(valid)}"
         )
+    if "data" in sig.parameters:
+        return fn(info, teacher, data, **params)
     return fn(info, teacher, **params)
 
 
@@ -106,28 +118,61 @@ def count_parameters(model: nn.Module) -> int:
 def save_model(
     model: nn.Module, folder: str | Path, builder: str, params: dict[str, Any], info: DataInfo
 ) -> Path:
-    """Write ``model.safetensors`` and ``mentor_model.json`` (how to rebuild it) to ``folder``."""
+    """Save ``model`` to ``folder`` with a ``mentor_model.json`` saying how to reload it.
+
+    Hugging Face models and adapters are written with ``save_pretrained`` (plus the data's
+    tokenizer), TF-IDF students with their vocabulary, other modules as ``model.safetensors``
+    rebuilt by their builder.
+    """
+    from mentor.models.hf import hf_core, save_hf
+    from mentor.models.tfidf import TfidfMLP
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = folder / "model.safetensors.tmp"
-    save_file(state, str(tmp))
-    tmp.replace(folder / "model.safetensors")
-    meta = {"builder": builder, "params": params, "info": dataclasses.asdict(info)}
-    (folder / "mentor_model.json").write_text(json.dumps(meta, indent=2))
+    if hf_core(model) is not None:
+        tok = None
+        if info.tokenizer:
+            from mentor.models.assets import load_tokenizer
+
+            tok = load_tokenizer(info.tokenizer)
+        meta = save_hf(model, folder, tok)
+    elif isinstance(model, TfidfMLP):
+        meta = model.save(folder)
+    else:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        tmp = folder / "model.safetensors.tmp"
+        save_file(state, str(tmp))
+        tmp.replace(folder / "model.safetensors")
+        meta = {"format": "builder"}
+    meta.update(builder=builder, params=params, info=dataclasses.asdict(info))
+    (folder / "mentor_model.json").write_text(json.dumps(meta, indent=2, default=str))
     return folder
 
 
+def _info_from_meta(raw: dict[str, Any]) -> DataInfo:
+    known = {f.name for f in dataclasses.fields(DataInfo)}
+    kw = {k: v for k, v in raw.items() if k in known}
+    kw["input_shape"] = tuple(kw.get("input_shape") or ()) or None
+    return DataInfo(**kw)
+
+
 def load_model(folder: str | Path) -> tuple[nn.Module, DataInfo]:
-    """Rebuild a model saved by ``save_model`` (weights via safetensors)."""
+    """Rebuild a model saved by ``save_model`` (weights via safetensors, no remote code)."""
     folder = Path(folder)
     meta_path = folder / "mentor_model.json"
     if not meta_path.exists():
         raise FileNotFoundError(f"{folder} has no mentor_model.json: not a saved mentor model")
     meta = json.loads(meta_path.read_text())
-    info = DataInfo(
-        **{**meta["info"], "input_shape": tuple(meta["info"]["input_shape"] or ()) or None}
-    )
+    info = _info_from_meta(meta["info"])
+    fmt = meta.get("format", "builder")
+    if fmt in ("hf", "hf_adapter"):
+        from mentor.models.hf import load_hf
+
+        return load_hf(folder, meta).eval(), info
+    if fmt == "tfidf_mlp":
+        from mentor.models.tfidf import TfidfMLP
+
+        return TfidfMLP.load(folder, meta).eval(), info
     model = build_model(meta["builder"], meta["params"], info)
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
     return model, info

