@@ -104,13 +104,22 @@ def items_per_second(
     return n / statistics.median(times)
 
 
-def linear_probe(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor) -> float:
-    """Accuracy of a logistic-regression probe fit on frozen embeddings."""
+def val_texts(data: Dataset) -> list[str]:
+    """The raw texts of a text dataset, in order."""
+    texts = getattr(data, "texts", None)
+    return list(texts) if texts is not None else [data[i]["texts"] for i in range(len(data))]
+
+
+def linear_probe(train_x: Any, train_y: Tensor, val_x: Any, val_y: Tensor) -> float:
+    """Accuracy of a logistic-regression probe fit on frozen features (dense or sparse)."""
     from sklearn.linear_model import LogisticRegression
 
+    def arr(x: Any) -> Any:
+        return x.numpy() if isinstance(x, Tensor) else x
+
     clf = LogisticRegression(max_iter=2000)
-    clf.fit(train_x.numpy(), train_y.numpy())
-    return float((clf.predict(val_x.numpy()) == val_y.numpy()).mean())
+    clf.fit(arr(train_x), train_y.numpy())
+    return float((clf.predict(arr(val_x)) == val_y.numpy()).mean())
 
 
 def final_metrics(
@@ -138,6 +147,13 @@ def final_metrics(
         s_tr, y_tr = outputs(student, bundle.train, collate)
         if y_val is not None:
             out["student_probe_accuracy"] = linear_probe(s_tr, y_tr, s_val, y_val)
+            if hasattr(student, "tfidf"):  # the no-teacher baseline: raw TF-IDF features
+                out["tfidf_probe_accuracy"] = linear_probe(
+                    student.tfidf(val_texts(bundle.train)),
+                    y_tr,
+                    student.tfidf(val_texts(bundle.val)),
+                    y_val,
+                )
         out["student_items_per_s"] = items_per_second(student, val, collate)
         if teacher is not None:
             t_val, _ = outputs(teacher, val, collate)

@@ -369,13 +369,26 @@ def lm_bundle(
     if len(docs) < 2:
         raise ValueError("an LM corpus needs at least two documents (one is held out)")
     tr, va = split_indices(len(docs), val_fraction, seed)
-    ids = tok([docs[i] for i in range(len(docs))], add_special_tokens=False)["input_ids"]
     sep = tok.eos_token_id
-    train = _pack([ids[i] for i in tr], block_size, sep)
-    val = _pack([ids[i] for i in va], block_size, sep)
-    if max_blocks is not None:
-        n_val = max(1, int(round(max_blocks * val_fraction)))
-        train, val = train[: max_blocks - n_val], val[:n_val]
+    n_val = max(1, int(round(max_blocks * val_fraction))) if max_blocks is not None else None
+
+    def blocks(doc_ids: np.ndarray, limit: int | None) -> Tensor:
+        # tokenise only as many documents as the block budget needs
+        need = None if limit is None else limit * block_size
+        out: list[list[int]] = []
+        got = 0
+        for lo in range(0, len(doc_ids), 64):
+            chunk = [docs[int(i)] for i in doc_ids[lo : lo + 64]]
+            for ids in tok(chunk, add_special_tokens=False)["input_ids"]:
+                out.append(ids)
+                got += len(ids) + (sep is not None)
+            if need is not None and got >= need:
+                break
+        packed = _pack(out, block_size, sep)
+        return packed if limit is None else packed[:limit]
+
+    train = blocks(tr, None if max_blocks is None else max_blocks - n_val)
+    val = blocks(va, n_val)
     if len(train) == 0 or len(val) == 0:
         raise ValueError(
             f"the corpus gives {len(train)} train / {len(val)} held-out blocks of "

@@ -95,20 +95,26 @@ class TfidfMLP(nn.Module):
             terms[i] = t
         return cls(terms, vec.idf_, out_dim, ngram_range=ngram_range, **kw)
 
-    def featurize(self, texts: Sequence[str]) -> Tensor:
-        """Sparse TF-IDF rows ``[B, V]`` (L2-normalised), on the model's device."""
-        counts = self._vec.transform(list(texts)).tocoo()
-        vals = counts.data.astype(np.float32)
+    def tfidf(self, texts: Sequence[str]) -> Any:
+        """Sparse TF-IDF rows as a SciPy CSR matrix ``[B, V]`` (sublinear tf, idf, L2 rows)."""
+        x = self._vec.transform(list(texts)).tocsr()
         if self.sublinear_tf:
-            vals = 1.0 + np.log(vals)
-        idf = self.idf.detach().cpu().numpy()
-        vals = vals * idf[counts.col]
-        norms = np.zeros(counts.shape[0], dtype=np.float32)
-        np.add.at(norms, counts.row, vals * vals)
-        vals = vals / np.sqrt(np.maximum(norms[counts.row], 1e-12))
-        idx = torch.from_numpy(np.vstack([counts.row, counts.col]).astype(np.int64))
+            x.data = 1.0 + np.log(x.data)
+        x = x.multiply(self.idf.detach().cpu().numpy()[None, :]).tocsr().astype(np.float32)
+        norms = np.sqrt(np.asarray(x.multiply(x).sum(1)).ravel())
+        inv = 1.0 / np.maximum(norms, 1e-12)
+        return x.multiply(inv[:, None]).tocsr()
+
+    def featurize(self, texts: Sequence[str]) -> Tensor:
+        """Sparse TF-IDF rows ``[B, V]`` as a torch COO tensor on the model's device."""
+        coo = self.tfidf(texts).tocoo()
+        idx = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64))
         x = torch.sparse_coo_tensor(
-            idx, torch.from_numpy(vals), counts.shape, check_invariants=False, is_coalesced=True
+            idx,
+            torch.from_numpy(coo.data.astype(np.float32)),
+            coo.shape,
+            check_invariants=False,
+            is_coalesced=True,
         )
         return x.to(self.idf.device)
 
