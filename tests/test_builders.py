@@ -205,3 +205,32 @@ def test_reconcile_trims_padded_logits(llama4):
     assert res.size == 128
     b = _batch()
     assert model_outputs(padded, b).shape[-1] == 128 == model_outputs(llama4, b).shape[-1]
+
+
+def test_run_refuses_a_student_with_another_tokenizer(monkeypatch, llama4):
+    from mentor import build
+    from mentor.config import load_config
+    from mentor.data import DataBundle
+    from mentor.models import assets
+
+    v = {f"t{i}": i for i in range(100)}
+    toks = {"teacher-tok": _Tok(v), "/my/student": _Tok({**v, "t1": 7, "t7": 1})}
+    monkeypatch.setattr(assets, "load_tokenizer", lambda spec: toks[spec])
+    cfg = load_config(
+        {
+            "teacher": {"builder": "hf_causal_lm", "params": {"model": "teacher-tok"}},
+            "student": {"builder": "hf:/my/student"},
+            "objective": {"fkl": {"loss": "forward_kl"}},
+        }
+    )
+    assert build.data_tokenizer(cfg) == "teacher-tok"
+    assert build.student_tokenizer(cfg) == "/my/student"
+    info = DataInfo(task="causal_lm", tokenizer="teacher-tok", vocab_size=100)
+    bundle = DataBundle([], [], info)
+    with pytest.raises(VocabMismatchError, match="sequence-level distillation"):
+        build.check_student_vocab(cfg, bundle, llama4, copy.deepcopy(llama4))
+    # a student whose embedding table is smaller than the data's token ids is refused early
+    small = build_model("hf_config", {"config": {**LLAMA, "vocab_size": 64}}, LM_INFO)
+    cfg2 = load_config({"student": {"builder": "shrink"}, "objective": {"ce": {}}})
+    with pytest.raises(ValueError, match="embeds 64 token ids"):
+        build.check_student_vocab(cfg2, bundle, llama4, small)
