@@ -13,6 +13,8 @@ import importlib.util
 import os
 import shutil
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,6 +115,20 @@ def resolve_model(spec: str | os.PathLike[str]) -> ModelRef:
     return ModelRef(s, s)  # a Hub id: transformers loads it if the machine has a network
 
 
+@contextmanager
+def quiet_hf() -> Iterator[None]:
+    """Hide transformers' per-file progress bars (loading/saving weights) inside the block."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def cache_root() -> Path:
     """Where converted models are cached (``$MENTOR_CACHE`` or ``~/.cache/mentor``)."""
     return Path(os.environ.get("MENTOR_CACHE", "~/.cache/mentor")).expanduser() / "models"
@@ -171,19 +187,19 @@ def load_pretrained(cls: Any, spec: str | ModelRef, *, convert: bool = True, **k
 
     ref = spec if isinstance(spec, ModelRef) else resolve_model(spec)
     kw.setdefault("dtype", torch.float32)
-    if not ref.gguf_file:
-        return _from_pretrained(cls, ref, **kw)
-    cache = _gguf_cache_dir(ref)
-    done = cache / ".complete"
-    if done.exists():
-        return cls.from_pretrained(str(cache), local_files_only=True, **kw)
-    _console.print(f"[dim]de-quantising {ref.gguf_file} (once; ~20 s)…[/]")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = cls.from_pretrained(ref.path, gguf_file=ref.gguf_file, **kw)
-    if convert:
-        _save_plain_copy(model, ref, cache)
-    return model
+    with quiet_hf():
+        if not ref.gguf_file:
+            return _from_pretrained(cls, ref, **kw)
+        cache = _gguf_cache_dir(ref)
+        if (cache / ".complete").exists():
+            return cls.from_pretrained(str(cache), local_files_only=True, **kw)
+        _console.print(f"[dim]de-quantising {ref.gguf_file} (once; ~20 s)…[/]")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = cls.from_pretrained(ref.path, gguf_file=ref.gguf_file, **kw)
+        if convert:
+            _save_plain_copy(model, ref, cache)
+        return model
 
 
 def _save_plain_copy(model: Any, ref: ModelRef, cache: Path) -> None:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mentor.models.assets import load_pretrained
+from mentor.models.assets import load_pretrained, quiet_hf
 
 # Where the stack of transformer blocks lives, by architecture (first match wins).
 LAYER_PATHS = ("model.layers", "encoder.layer", "transformer.h", "gpt_neox.layers", "layers")
@@ -216,7 +216,8 @@ def save_hf(model: nn.Module, folder: Path, tokenizer: Any = None) -> dict[str, 
         del core.config.quantization_config
     core.hf_quantizer = None
     if core is model:
-        model.save_pretrained(str(folder), safe_serialization=True)
+        with quiet_hf():
+            model.save_pretrained(str(folder), safe_serialization=True)
         meta: dict[str, Any] = {"format": "hf", "class": type(model).__name__}
     else:
         core.config.save_pretrained(str(folder))
@@ -239,7 +240,8 @@ def load_hf(folder: Path, meta: dict[str, Any]) -> nn.Module:
         cls = getattr(transformers, meta["class"], None)
         if cls is None or not hasattr(cls, "from_pretrained"):
             cls = AutoModelForCausalLM
-        return cls.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32)
+        with quiet_hf():
+            return cls.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32)
     config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
     encoder = AutoModel.from_config(config)
     kind = meta["adapter"]
