@@ -17,24 +17,50 @@ from mentor.report.build import build_report, summary_rows
 from mentor.run import distill
 
 SMOKE = ["train.max_steps=4", "eval.every=2", "train.log_every=2"]
+# extra overrides per recipe in --smoke mode (tiny data, short sequences), for the test suite
+SMOKE_DATA = {
+    "text-classifier": [
+        "data.params.limit=40",
+        "data.params.max_length=32",
+        "train.batch_size=8",
+        "teacher.fit.epochs=2",
+    ],  # fmt: skip
+    "embedding-tfidf": ["data.params.limit=48", "data.params.max_length=32", "train.batch_size=16"],
+    "causal-lm": [
+        "data.params.max_blocks=12",
+        "data.params.block_size=16",
+        "train.batch_size=2",
+        "student.params.layers=[0,29]",
+    ],  # fmt: skip
+    "vision": ["data.params.limit=256", "data.params.val_limit=128", "teacher.fit.epochs=1"],
+    "digits": ["teacher.fit.epochs=2"],
+}
 
 
-def classifier_demo(
-    recipe: str, out: str, smoke: bool = False, extra: list[str] | None = None
+def recipe_demo(
+    recipe: str,
+    out: str,
+    smoke: bool = False,
+    extra: list[str] | None = None,
+    baseline: str | None = "{ce: {weight: 1.0}}",
 ) -> dict[str, Any]:
-    """Distil ``recipe``; train the same student on labels only; evaluate both; report."""
+    """Distil ``recipe``; train the same student without the teacher (``baseline`` objective,
+    same steps; None skips it); evaluate all; build the report; print the results table."""
     t0 = time.perf_counter()
-    common = ["output.overwrite=true", *(SMOKE if smoke else []), *(extra or [])]
+    smoke_args = [*SMOKE, *SMOKE_DATA.get(recipe, [])] if smoke else []
+    common = ["output.overwrite=true", *smoke_args, *(extra or [])]
     cfg = load_config(recipe, [f"output.dir={out}/distilled", *common])
     console.rule(f"[bold]mentor demo: {cfg.name}[/] — 1/4 teacher and distilled student")
     kd = distill(cfg)
-    console.rule("2/4 the same student trained without the teacher (same steps)")
-    base_cfg = load_config(
-        recipe, [f"output.dir={out}/no_kd", "objective={ce: {weight: 1.0}}", *common]
-    )
-    base = distill(base_cfg, quiet=True)
+    base_dir = None
+    if baseline is not None:
+        console.rule("2/4 the same student trained without the teacher (same steps)")
+        base_cfg = load_config(
+            recipe, [f"output.dir={out}/no_kd", f"objective={baseline}", *common]
+        )
+        base_dir = distill(base_cfg, quiet=True).run_dir
     console.rule("3/4 evaluation: quality, agreement, calibration, size, latency")
-    ev = evaluate_run(kd.run_dir, baseline=base.run_dir)
+    ev = evaluate_run(kd.run_dir, baseline=base_dir)
     console.rule("4/4 report")
     report = build_report(kd.run_dir)
     header, rows = summary_rows(ev)
@@ -62,12 +88,28 @@ def _tp_batch(ev: dict[str, Any]) -> Any:
 
 
 DEMOS: dict[str, tuple[Callable[[str, bool], dict[str, Any]], str]] = {
+    "text-classifier": (
+        lambda out, smoke: recipe_demo("text-classifier", out, smoke),
+        "BBC News: MiniLM-L6 + linear head -> 2-layer layer-drop copy, KD + CE (~4 min)",
+    ),
     "digits": (
-        lambda out, smoke: classifier_demo("digits", out, smoke),
+        lambda out, smoke: recipe_demo("digits", out, smoke),
         "scikit-learn digits: MLP teacher -> 16-unit MLP student with Hinton KD (~30 s)",
     ),
+    "vision": (
+        lambda out, smoke: recipe_demo("vision", out, smoke),
+        "Fashion-MNIST (or digits): CNN teacher -> small student",
+    ),
+    "lm": (
+        lambda out, smoke: recipe_demo("causal-lm", out, smoke),
+        "SmolLM2-135M -> 6-layer layer-drop student on BBC text, forward KL (perplexity)",
+    ),
+    "embedding": (
+        lambda out, smoke: recipe_demo("embedding-tfidf", out, smoke, baseline=None),
+        "MiniLM sentence embeddings -> TF-IDF + MLP student (cosine, linear probe, speed)",
+    ),
 }
-DEFAULT_DEMO = "digits"
+DEFAULT_DEMO = "text-classifier"
 
 
 def run_demo(
