@@ -125,6 +125,7 @@ def test_causal_lm_smoke(tmp_path):
     assert res.student.config.num_hidden_layers == 2
 
 
+@pytest.mark.filterwarnings("ignore:Fashion-MNIST not found")
 def test_vision_recipe_smoke_on_whatever_data_is_present(tmp_path):
     res = _smoke(
         "vision", tmp_path, "data.params.limit=256", "data.params.val_limit=128",
