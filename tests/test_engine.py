@@ -236,3 +236,17 @@ def test_missing_teacher_and_oversized_batch_give_clear_errors(tmp_path, toy):
     d = Distiller(make_student(), None, Objective(cfg.objective), bundle.train, cfg)
     with pytest.raises(ValueError, match="lower train.batch_size"):
         d.fit()
+
+
+def test_missing_tracker_package_is_a_clear_error(monkeypatch):
+    import importlib.util
+
+    from mentor.engine.loop import _check_trackers
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "wandb" else real(n, *a)
+    )
+    with pytest.raises(ValueError, match="pip install wandb"):
+        _check_trackers(["wandb"])
+    _check_trackers([])

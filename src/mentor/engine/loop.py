@@ -193,6 +193,7 @@ class Distiller:
     def fit(self, resume: bool = False) -> Path:
         """Train; return the run directory. ``resume=True`` continues from the last checkpoint."""
         t = self.cfg.train
+        _check_trackers(self.cfg.output.trackers)
         acc = Accelerator(
             cpu=not torch.cuda.is_available(),  # multi-process CPU runs use gloo
             mixed_precision="bf16" if t.precision == "bf16" else "no",
@@ -402,6 +403,26 @@ class Distiller:
             if t_all:
                 out["agreement"] = agreement(s, torch.cat(t_all))
         return out
+
+
+_TRACKER_MODULES = {
+    "tensorboard": ("tensorboard", "tensorboardX"),
+    "mlflow": ("mlflow",),
+    "wandb": ("wandb",),
+}
+
+
+def _check_trackers(trackers: Sequence[str]) -> None:
+    """Fail before training when a requested tracker's package is not installed."""
+    import importlib.util
+
+    for name in trackers:
+        mods = _TRACKER_MODULES.get(name, (name,))
+        if not any(importlib.util.find_spec(m) for m in mods):
+            raise ValueError(
+                f"output.trackers includes {name!r} but its package is not installed: "
+                f"pip install {mods[0]}  (or remove it from output.trackers)"
+            )
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
