@@ -250,3 +250,39 @@ def test_missing_tracker_package_is_a_clear_error(monkeypatch):
     with pytest.raises(ValueError, match="pip install wandb"):
         _check_trackers(["wandb"])
     _check_trackers([])
+
+
+def test_taid_state_survives_resume(tmp_path, toy):
+    bundle, teacher, make_student = toy
+    overrides = ["train.max_steps=16", "train.checkpoint_every=8", "objective={taid: {weight: 1}}"]
+
+    def make(dirname):
+        cfg = _cfg(tmp_path / dirname, *overrides)
+        return Distiller(
+            make_student(), OnlineTeacher(teacher), Objective(cfg.objective), bundle.train, cfg
+        )
+
+    full = make("full")
+    full.fit()
+
+    class Crash:
+        def on_step_end(self, _d, step, _v):
+            if step == 11:
+                raise RuntimeError("kill")
+
+    d = make("res")
+    d.callbacks.append(Crash())
+    with pytest.raises(RuntimeError):
+        d.fit()
+    resumed = make("res")
+    resumed.fit(resume=True)
+    t_full = full.model.objective.taid_t()["taid"]
+    assert t_full > 0.4  # the schedule moved
+    assert resumed.model.objective.taid_t()["taid"] == t_full
+    for k, v in full.model.student.state_dict().items():
+        assert torch.equal(v, resumed.model.student.state_dict()[k])
+
+
+def test_reserved_term_names_are_refused():
+    with pytest.raises(ValueError, match="term name 'forward' is not allowed"):
+        Objective({"forward": {"loss": "forward_kl"}})

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from mentor.losses._base import LOSSES, get_loss
@@ -84,6 +83,12 @@ class Objective(nn.Module):
         self.schedulers: dict[str, TAIDScheduler] = {}
         self.last_values: dict[str, Tensor] = {}
         for term, raw in spec.items():
+            if not isinstance(term, str) or not term or "." in term or hasattr(nn.ModuleDict, term):
+                raise ValueError(
+                    f"objective term name {term!r} is not allowed (empty, contains '.', or a "
+                    f"reserved attribute name); pick another and name the loss with loss:, e.g. "
+                    f"fkl: {{loss: forward_kl}}"
+                )
             raw = dict(raw or {})
             loss_name = raw.pop("loss", term)
             self.weights[term] = float(raw.pop("weight", 1.0))
@@ -155,6 +160,16 @@ class Objective(nn.Module):
             if v is not None:
                 sched.update(float(v), step, total_steps)
 
+    def extra_state(self) -> dict[str, Any]:
+        """Non-tensor state to checkpoint (TAID schedulers), JSON-serialisable."""
+        return {"taid": {k: s.state_dict() for k, s in self.schedulers.items()}}
+
+    def load_extra_state(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`extra_state` returned (exact resume of TAID's t)."""
+        for k, st in state.get("taid", {}).items():
+            if k in self.schedulers:
+                self.schedulers[k].load_state_dict(st)
+
     def taid_t(self) -> dict[str, float]:
         """Current TAID interpolation parameter of each scheduled term."""
         return {k: s.t for k, s in self.schedulers.items()}
@@ -165,4 +180,4 @@ def describe_losses() -> list[tuple[str, str]]:
     return [(n, LOSSES.describe(n)) for n in LOSSES.names()]
 
 
-__all__ = ["Objective", "build_projector", "describe_losses", "torch"]
+__all__ = ["Objective", "build_projector", "describe_losses"]
