@@ -96,11 +96,49 @@ def _sampled_fkl_rows(s: Tensor, t: Sampled, temperature: float) -> Tensor:
     return (q * torch.where(drawn, ref - lps_i, zero)).sum(-1)
 
 
+class _DenseForwardKL(torch.autograd.Function):
+    """Per-row KL(p_T^τ ‖ p_S^τ) for dense logits with a closed-form backward.
+
+    The generic autograd graph keeps several ``[N, V]`` intermediates and spends extra passes on
+    the temperature division and -inf masking; here the forward keeps two ``[N, V]`` tensors
+    (log p_S, p_T) and the backward is ``(p_S − p_T)/τ`` for the student and
+    ``p_T·(log p_T − log p_S − ℓ)/τ`` for a teacher that requires grad. Classes that are -inf
+    in both rows contribute 0 (0·log 0 = 0).
+    """
+
+    @staticmethod
+    def forward(ctx, s: Tensor, t: Tensor, temperature: float) -> Tensor:  # noqa: D102
+        lps = F.log_softmax(s if temperature == 1 else s / temperature, dim=-1)
+        lpt = F.log_softmax(t if temperature == 1 else t / temperature, dim=-1)
+        prod = lpt - lps
+        pt = lpt.exp_()  # lpt is not needed again on the student path
+        prod.mul_(pt).nan_to_num_(nan=0.0)  # 0·(−inf) and 0·nan -> 0
+        rows = prod.sum(-1)
+        ctx.save_for_backward(lps, pt, rows)
+        ctx.temperature = temperature
+        return rows
+
+    @staticmethod
+    def backward(ctx, grad_rows: Tensor):  # noqa: D102
+        lps, pt, rows = ctx.saved_tensors
+        tau = ctx.temperature
+        g = grad_rows.unsqueeze(-1) / tau
+        grad_s = grad_t = None
+        if ctx.needs_input_grad[0]:
+            grad_s = lps.exp().sub_(pt).mul_(g)
+        if ctx.needs_input_grad[1]:
+            diff = (torch.log(pt) - lps - rows.unsqueeze(-1)).mul_(pt).nan_to_num_(nan=0.0)
+            grad_t = diff.mul_(g)
+        return grad_s, grad_t, None
+
+
 def _fkl_rows(
     s: Tensor, t: Any, temperature: float, standardize: bool, eps: float, tail: str, name: str
 ) -> Tensor:
     if isinstance(t, Sampled):
         return _sampled_fkl_rows(s, t, temperature)
+    if isinstance(t, Tensor) and not standardize:
+        return _DenseForwardKL.apply(s, t, temperature)
     if standardize:
         s, t = standardize_rows(s, eps), standardize_rows(t, eps)
     lp_s, lp_t = pair_logprobs(s, t, temperature, tail, name=name)
