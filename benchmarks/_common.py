@@ -17,8 +17,19 @@ import torch
 from mentor.eval.cost import cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
-DOC = ROOT / "docs" / "benchmarks.md"
+# Smoke runs (``--quick``) redirect both so they never overwrite the real results and docs.
+RESULTS = Path(os.environ.get("MENTOR_BENCH_RESULTS", ROOT / "benchmarks" / "results"))
+DOC = Path(os.environ.get("MENTOR_BENCH_DOC", ROOT / "docs" / "benchmarks.md"))
+QUICK_DIR = ROOT / "benchmarks" / "results" / "quick"
+
+
+def use_quick_outputs() -> None:
+    """Send this process's (and its children's) JSON and markdown to ``results/quick/``."""
+    global RESULTS, DOC
+    os.environ.setdefault("MENTOR_BENCH_RESULTS", str(QUICK_DIR))
+    os.environ.setdefault("MENTOR_BENCH_DOC", str(QUICK_DIR / "benchmarks.md"))
+    RESULTS = Path(os.environ["MENTOR_BENCH_RESULTS"])
+    DOC = Path(os.environ["MENTOR_BENCH_DOC"])
 
 
 def machine_info() -> dict[str, Any]:
@@ -82,4 +93,59 @@ def machine_line(info: dict[str, Any]) -> str:
     return (
         f"Measured on {info['cpu']} ({info['cores']} cores, {info['torch_threads']} torch threads), "
         f"Python {info['python']}, torch {info['torch']}, mentor {info['mentor']}, {info['date']}."
+    )
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far (``ru_maxrss``), MiB."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mib() -> float:
+    """Current resident set size of this process, MiB (Linux ``/proc``; 0 elsewhere)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0.0
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def run_child(module: str, args: list[str], timeout: float | None = None) -> dict[str, Any]:
+    """Run ``python -m module args --json-out F`` in a fresh process; return the JSON it wrote.
+
+    A failed child gives ``{"error": ...}`` with the tail of its output instead of raising.
+    """
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out.json"
+        cmd = [sys.executable, "-m", module, *args, "--json-out", str(out)]
+        try:
+            proc = subprocess.run(
+                cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
+            )
+        except subprocess.TimeoutExpired:
+            return {"error": f"timed out after {timeout} s"}
+        if proc.returncode != 0 or not out.exists():
+            tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
+            return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
+        return json.loads(out.read_text())
+
+
+def load_note() -> str:
+    """A warning sentence when the machine was busy (1-min load average above the cores)."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return ""
+    cores = os.cpu_count() or 1
+    if load <= cores:
+        return ""
+    return (
+        f" **Busy machine:** 1-min load average {load:.1f} on {cores} cores at the end of the "
+        "run (other jobs were running), so times are inflated and noisy."
     )
