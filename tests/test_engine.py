@@ -286,3 +286,17 @@ def test_taid_state_survives_resume(tmp_path, toy):
 def test_reserved_term_names_are_refused():
     with pytest.raises(ValueError, match="term name 'forward' is not allowed"):
         Objective({"forward": {"loss": "forward_kl"}})
+
+
+def test_default_student_export_handles_tied_weights(tmp_path):
+    from safetensors.torch import load_model
+
+    from mentor.engine.loop import _save_state_dict
+
+    m = nn.Sequential(nn.Embedding(5, 4), nn.Linear(4, 5, bias=False))
+    m[1].weight = m[0].weight  # tied, as in many LMs
+    _save_state_dict(m, tmp_path)
+    fresh = nn.Sequential(nn.Embedding(5, 4), nn.Linear(4, 5, bias=False))
+    fresh[1].weight = fresh[0].weight
+    load_model(fresh, str(tmp_path / "model.safetensors"))
+    assert torch.equal(fresh[0].weight, m[0].weight)

@@ -430,11 +430,11 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def _save_state_dict(student: nn.Module, folder: Path) -> None:
-    from safetensors.torch import save_file
+    """Default export: ``model.safetensors`` (tied/shared weights handled), written atomically."""
+    from safetensors.torch import save_model
 
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()}
-    save_file(state, str(folder / "model.safetensors.tmp"))
+    save_model(student, str(folder / "model.safetensors.tmp"))
     (folder / "model.safetensors.tmp").replace(folder / "model.safetensors")
 
 
