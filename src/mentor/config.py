@@ -104,6 +104,7 @@ class TrainConfig(_Strict):
     grad_accum: int = Field(1, ge=1)
     grad_clip: float | None = Field(1.0, gt=0)
     precision: Literal["fp32", "bf16"] = "fp32"
+    fused_loss_chunk: int | None = Field(None, ge=1)
     seed: int = 0
     checkpoint_every: int | None = Field(None, ge=1)
     log_every: int = Field(10, ge=1)

@@ -34,6 +34,7 @@ from mentor.engine.progress import Progress
 from mentor.engine.schedules import apply_schedules, check_schedules, lr_lambda
 from mentor.eval.metrics import accuracy, agreement
 from mentor.losses import Objective
+from mentor.losses.objective import FusedHead
 from mentor.models import model_outputs
 from mentor.teachers import FeatureTaps, TeacherOutput, TeacherSource
 
@@ -46,18 +47,26 @@ class DistillModule(nn.Module):
     """The student, its feature taps and the objective (with any learned projectors) as one
     trainable module, so DDP synchronises all trainable parameters together."""
 
-    def __init__(self, student: nn.Module, objective: Objective, task: str) -> None:
+    def __init__(
+        self, student: nn.Module, objective: Objective, task: str, fused_chunk: int | None = None
+    ) -> None:
         """Attach taps named by the objective's feature terms (validated now)."""
         super().__init__()
         self.student = student
         self.objective = objective
         self.task = task
+        self.fused_chunk = fused_chunk
+        if fused_chunk is not None:
+            _check_fusable(student, task)
         paths = [s for s, _ in objective.taps.values() if s != OUTPUT_TAP]
         self._taps = FeatureTaps(student, paths, role="student") if paths else None
 
     def forward(self, batch: dict[str, Any], teacher: TeacherOutput) -> dict[str, Tensor]:
         """Student forward, then every objective term against the teacher's signal."""
-        logits = model_outputs(self.student, batch)
+        if self.fused_chunk is not None:
+            logits = _fused_head(self.student, batch, self.fused_chunk)
+        else:
+            logits = model_outputs(self.student, batch)
         feats = self._taps.pop() if self._taps else {}
         t_logits, labels, mask = teacher.logits, batch.get("labels"), None
         if self.task == "causal_lm":
@@ -77,6 +86,24 @@ class DistillModule(nn.Module):
             student_features=feats,
             teacher_features=t_feats,
         )
+
+
+def _check_fusable(student: nn.Module, task: str) -> None:
+    head = getattr(student, "get_output_embeddings", lambda: None)()
+    if task != "causal_lm" or not isinstance(head, nn.Linear) or not hasattr(student, "base_model"):
+        raise ValueError(
+            "train.fused_loss_chunk needs a causal LM student with a linear output head "
+            "(a Hugging Face *ForCausalLM); set train.fused_loss_chunk=null for this model"
+        )
+
+
+def _fused_head(student: nn.Module, batch: dict[str, Any], chunk: int) -> FusedHead:
+    """Run the student body only; the objective applies the output head chunk by chunk."""
+    out = student.base_model(
+        input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")
+    )
+    head = student.get_output_embeddings()
+    return FusedHead(out.last_hidden_state, head.weight, head.bias, chunk)
 
 
 def _shift(signal_: Any) -> Any:
@@ -138,7 +165,7 @@ class Distiller:
                 "was given: pass a teacher, or use only a 'ce' term"
             )
         check_schedules(config.train.schedules, objective)
-        self.model = DistillModule(student, objective, task)
+        self.model = DistillModule(student, objective, task, config.train.fused_loss_chunk)
         self.history: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ set-up helpers

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
@@ -54,6 +55,43 @@ def _project(proj: nn.Module, x: Any) -> Any:
     if isinstance(x, Sequence):
         return [proj(v) for v in x]
     raise TypeError(f"cannot apply a projector to {type(x)!r}")
+
+
+@dataclass
+class FusedHead:
+    """Student final hidden states and output head, standing in for student logits.
+
+    Passed to :class:`Objective` instead of logits, every logit term is computed with
+    :func:`~mentor.losses.fused.fused_linear_loss` ``chunk_size`` rows at a time, so the full
+    ``[N, V]`` student logits never exist (the engine's ``train.fused_loss_chunk``).
+    """
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Tensor | None = None
+    chunk_size: int = 1024
+
+    def __getitem__(self, idx: Any) -> FusedHead:
+        """Slice the positions (e.g. ``[:, :-1]`` for the causal shift); the head is shared."""
+        return FusedHead(self.hidden[idx], self.weight, self.bias, self.chunk_size)
+
+    def loss(self, loss: nn.Module, teacher: Any, **kwargs: Any) -> Tensor:
+        """The value of one logit loss module on this head, computed fused."""
+        from mentor.losses.fused import fused_linear_loss
+
+        hp = {k: v for k, v in {**loss.hp, **kwargs}.items() if k != "chunk_size"}
+        labels, mask = hp.pop("labels", None), hp.pop("mask", None)
+        return fused_linear_loss(
+            self.hidden,
+            self.weight,
+            teacher,
+            loss=loss.name,
+            bias=self.bias,
+            chunk_size=self.chunk_size,
+            labels=labels,
+            mask=mask,
+            **hp,
+        )
 
 
 class Objective(nn.Module):
@@ -138,7 +176,10 @@ class Objective(nn.Module):
                 value = loss(s_feat, teacher_features[t_tap], mask=mask)
             else:
                 extra = {"t": self.schedulers[term].t} if term in self.schedulers else {}
-                value = loss(student_logits, teacher, labels=labels, mask=mask, **extra)
+                if isinstance(student_logits, FusedHead):
+                    value = student_logits.loss(loss, teacher, labels=labels, mask=mask, **extra)
+                else:
+                    value = loss(student_logits, teacher, labels=labels, mask=mask, **extra)
             out[term] = value
             if term in self.schedulers:
                 self.last_values[term] = value.detach()
@@ -180,4 +221,4 @@ def describe_losses() -> list[tuple[str, str]]:
     return [(n, LOSSES.describe(n)) for n in LOSSES.names()]
 
 
-__all__ = ["Objective", "build_projector", "describe_losses"]
+__all__ = ["FusedHead", "Objective", "build_projector", "describe_losses"]
