@@ -12,8 +12,8 @@ fp32 (``torch.optim.AdamW``, not fused, on both sides), constant LR, gradient cl
 Sides, each in its own fresh subprocess (so ``ru_maxrss`` is that side's peak), alternating:
 ``trl`` (GKDTrainer), ``mentor`` (Distiller + online teacher), ``mentor_chunked`` (same, loss
 ``chunk_size=256``), ``mentor_cached`` (Distiller + top-32 teacher cache written by
-``mentor.cache.write_cache``; the teacher is not loaded) and ``mentor_fused`` (a hand loop
-around ``mentor.losses.fused_linear_loss``: the Distiller cannot use the fused path yet).
+``mentor.cache.write_cache``; the teacher is not loaded) and ``mentor_fused`` (Distiller with
+``train.fused_loss_chunk``: the loss is computed from hidden states + output head in chunks).
 The first batch's loss (a warm-up step) must agree between TRL and every online mentor side.
 
     .venv/bin/python -m benchmarks.trl_compare [--quick] [--pairs tiny real] [--rounds 1]
@@ -50,7 +50,7 @@ LABELS = {
     "mentor": "mentor Distiller",
     "mentor_chunked": f"mentor Distiller, chunked loss ({CHUNK} rows)",
     "mentor_cached": f"mentor Distiller, cached top-{TOP_K} teacher",
-    "mentor_fused": f"mentor fused loss, hand loop ({CHUNK} rows)",
+    "mentor_fused": f"mentor Distiller, fused head + loss ({CHUNK} rows)",
 }
 ONLINE = ("mentor", "mentor_chunked", "mentor_fused")
 
@@ -197,7 +197,7 @@ def run_trl(root: Path, loss: str, steps: int, lr: float, seed: int) -> dict[str
 def run_mentor(
     root: Path, loss: str, steps: int, lr: float, seed: int, side: str
 ) -> dict[str, Any]:
-    """mentor's Distiller: online teacher (plain or chunked loss) or the top-k cache."""
+    """mentor's Distiller: online teacher (plain, chunked or fused loss) or the top-k cache."""
     from mentor.cache import open_store
     from mentor.config import load_config
     from mentor.data.text import TokenBlocks
@@ -240,6 +240,7 @@ def run_mentor(
                     "seed": seed,
                     "log_every": 1,
                     "progress": False,
+                    "fused_loss_chunk": CHUNK if side == "mentor_fused" else None,
                 },
                 "output": {"dir": tmp, "overwrite": True},
             }
@@ -253,46 +254,12 @@ def run_mentor(
             cfg,
             task="causal_lm",
             callbacks=[clock],
-            # the default state-dict writer refuses tied embeddings (SmolLM2): save as HF does
             save_student=lambda m, folder: m.save_pretrained(folder),
         )
         clock.stamps.append(time.perf_counter())
         d.fit()
     times = [b - a for a, b in zip(clock.stamps[:-1], clock.stamps[1:])]
     return {"times": times, "losses": clock.losses, "rss_before_train_mib": before}
-
-
-def run_fused(root: Path, loss: str, steps: int, lr: float, seed: int) -> dict[str, Any]:
-    """A hand loop: backbone hidden states + ``fused_linear_loss`` (no [B, T, V] student logits)."""
-    from mentor.losses import fused_linear_loss
-
-    name, hp = LOSSES[loss]["mentor"]
-    ids = torch.load(root / "ids.pt")[: steps * BATCH]
-    perm = _order(len(ids), seed)
-    student, teacher = _load(root / "student").train(), _load(root / "teacher").eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    before = C.current_rss_mib()
-    times, losses = [], []
-    for k in range(steps):
-        t0 = time.perf_counter()
-        x = ids[perm[k * BATCH : (k + 1) * BATCH]]
-        mask = torch.ones_like(x)
-        with torch.no_grad():
-            t_logits = teacher(input_ids=x, attention_mask=mask).logits[:, :-1]
-        h = student.model(input_ids=x, attention_mask=mask).last_hidden_state[:, :-1]
-        value = fused_linear_loss(
-            h, student.lm_head.weight, t_logits, loss=name, chunk_size=CHUNK, **hp
-        )
-        value.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(value.detach()))
-        times.append(time.perf_counter() - t0)
-    return {"times": times, "losses": losses, "rss_before_train_mib": before}
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -306,10 +273,7 @@ def worker(args: argparse.Namespace) -> None:
     else:
         import mentor  # noqa: F401
 
-        if args.side == "mentor_fused":
-            out = run_fused(root, args.loss, args.steps, args.lr, args.seed)
-        else:
-            out = run_mentor(root, args.loss, args.steps, args.lr, args.seed, args.side)
+        out = run_mentor(root, args.loss, args.steps, args.lr, args.seed, args.side)
     out["peak_rss_mib"] = C.peak_rss_mib()
     out["threads"] = torch.get_num_threads()
     Path(args.json_out).write_text(json.dumps(out))
@@ -466,9 +430,8 @@ def markdown(p: dict[str, Any], img: str | None) -> str:
         "side, otherwise the side is rejected. The cached side reads top-32 teacher "
         "log-probs (fp16) from a `mentor.cache` store and never loads the teacher; its loss "
         "is against that sparse signal, so it is not expected to equal TRL's. The fused side "
-        "is a hand-written loop around `mentor.losses.fused_linear_loss` (hidden states → "
-        "loss, no `[B, T, V]` student logits): **the Distiller cannot use the fused path "
-        "yet**, so that row shows what the loss achieves, not the engine.",
+        "is the Distiller with `train.fused_loss_chunk` (hidden states + output head → loss "
+        "chunk by chunk, no `[B, T, V]` student logits).",
         "",
     ]
     for pair, info in p["pairs"].items():
