@@ -114,7 +114,7 @@ def test_taid_schedule_advances_in_the_loop(tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_writes_checkpoint_and_resume_matches(tmp_path):
-    common = ["train.max_steps=1500", "teacher.fit.epochs=2", "train.progress=false",
+    common = ["train.max_steps=800", "teacher.fit.epochs=2", "train.progress=false",
               "train.log_every=50", "student.params.hidden=[16]"]  # fmt: skip
     ref = distill(load_config("digits", [f"output.dir={tmp_path}/ref", *common]), quiet=True)
     run = tmp_path / "killed"
@@ -125,7 +125,7 @@ def test_sigterm_writes_checkpoint_and_resume_matches(tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and not (run / "metrics.jsonl").exists():
         time.sleep(0.1)
-    time.sleep(0.5)
+    time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err.decode()[-1000:]
