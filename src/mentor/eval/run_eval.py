@@ -195,16 +195,14 @@ def evaluate_run(
 
 
 def _rebuild_data(cfg: Any, overrides: list[str]) -> Any:
-    """The run's data section with ``data.*`` overrides applied (e.g. another split seed)."""
+    """The run's data with ``data.*`` overrides applied (tokenised as in training)."""
+    from mentor.build import build_run_data
     from mentor.config import apply_overrides, validate
-    from mentor.data import build_data
 
     bad = [o for o in overrides if not o.startswith("data.")]
     if bad:
         raise ValueError(f"--data overrides must start with 'data.', got {bad[0]!r}")
-    new = validate(apply_overrides(cfg.model_dump(mode="json"), overrides))
-    d = new.data
-    return build_data(d.source, d.params, d.val_fraction, d.split_seed)
+    return build_run_data(validate(apply_overrides(cfg.model_dump(mode="json"), overrides)))
 
 
 def headline(result: dict[str, Any], name: str) -> dict[str, Any]:
