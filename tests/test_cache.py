@@ -290,3 +290,17 @@ def test_training_from_the_cache_matches_the_online_teacher(tmp_path, toy, tiny_
         d.fit()
         lm_runs.append([r["loss"] for r in d.history])
     assert lm_runs[0] == pytest.approx(lm_runs[1], rel=1e-5)
+
+
+def test_cached_teacher_with_a_student_built_from_the_teacher(tmp_path):
+    """tiny-lm's `shrink` student needs the teacher module even when the signal is cached."""
+    from mentor.run import distill
+
+    base = [f"output.dir={tmp_path}/run", "train.progress=false", "eval.every=null",
+            "teacher.fit.epochs=1", "train.max_steps=3", "data.params.n=64"]  # fmt: skip
+    cache = tmp_path / "cache"
+    assert main(["cache", "tiny-lm", "--out", str(cache), "--top-k", "8", *base]) == 0
+    use = [*base, "teacher.source=cache", f"teacher.cache={cache}"]
+    res = distill(load_config("tiny-lm", use), quiet=True)
+    assert res.student.config.num_hidden_layers == 1
+    assert (res.run_dir / "student").exists()

@@ -173,7 +173,7 @@ def build_teacher(
         from mentor.teachers.store import open_store
 
         store = open_store(tc.cache, check=tc.cache_check, cfg=cfg, bundle=bundle)
-        return CachedTeacher(store), None
+        return CachedTeacher(store), module
     if tc.source == "ensemble":
         members = [
             OnlineTeacher(build_teacher_module(m, cfg, bundle), precision=m.precision)
@@ -198,8 +198,9 @@ def distill(cfg: RunConfig, *, resume: bool = False, quiet: bool = False) -> Run
     tc = cfg.teacher
     teacher_module: nn.Module | None = None
     teacher: TeacherSource | None = None
-    online = tc.source == "online" and bool(tc.builder or tc.path)
-    if online and (uses_teacher or student_needs_teacher(cfg)):
+    has_module = bool(tc.builder or tc.path) and tc.source in ("online", "cache")
+    # a cached teacher is still built when the student is made from it (layer_drop, shrink)
+    if has_module and ((tc.source == "online" and uses_teacher) or student_needs_teacher(cfg)):
         teacher_module = build_teacher_module(tc, cfg, bundle)
     set_seed(cfg.train.seed)
     student = build_model(
