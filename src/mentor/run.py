@@ -13,10 +13,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
-from rich.console import Console
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
+from mentor._console import err as console
 from mentor.build import OUTPUT_TAP, build_run_data, check_student_vocab, student_needs_teacher
 from mentor.config import FitConfig, RunConfig, TeacherConfig
 from mentor.data import DataBundle
@@ -29,8 +29,6 @@ from mentor.run_metrics import final_metrics, lm_perplexity
 from mentor.students import build_model, load_model, save_model
 from mentor.students.builders import count_parameters
 from mentor.teachers import CachedTeacher, EMATeacher, EnsembleTeacher, OnlineTeacher, TeacherSource
-
-console = Console(stderr=True)
 
 
 @dataclass

@@ -1,9 +1,12 @@
-"""A rich progress bar showing step, ETA and the named loss terms."""
+"""Progress display: a rich bar (step, ETA, named loss terms) on a terminal, plain periodic
+lines when output goes to a log file or CI (so long work always shows progress)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 
+from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -13,6 +16,8 @@ from rich.progress import (
 )
 from rich.progress import Progress as _RichProgress
 
+LOG_EVERY_S = 15.0
+
 
 class Progress:
     """Training progress (disabled on non-main processes or with ``train.progress=false``)."""
@@ -20,9 +25,16 @@ class Progress:
     def __init__(
         self, total: int, *, enabled: bool = True, initial: int = 0, label: str = "distil"
     ) -> None:
-        """Start the bar at ``initial`` of ``total`` steps."""
+        """Start at ``initial`` of ``total`` steps."""
         self._bar = None
+        self._plain = False
+        self.total, self.label, self.initial = total, label, initial
         if not enabled:
+            return
+        console = Console(stderr=True)
+        if not console.is_terminal:
+            self._plain, self._t0, self._last = True, time.perf_counter(), 0.0
+            self._console = console
             return
         self._bar = _RichProgress(
             TextColumn(f"[bold]{label}"),
@@ -32,6 +44,7 @@ class Progress:
             TextColumn("eta"),
             TimeRemainingColumn(),
             TextColumn("{task.fields[terms]}"),
+            console=console,
             transient=False,
         )
         self._task = self._bar.add_task(label, total=total, completed=initial, terms="")
@@ -39,13 +52,25 @@ class Progress:
 
     def update(self, step: int, terms: Mapping[str, float]) -> None:
         """Advance to ``step`` and show the latest values of the loss terms."""
-        if self._bar is None:
-            return
         text = " ".join(f"{k}={v:.4g}" for k, v in terms.items())
-        self._bar.update(self._task, completed=step, terms=text)
+        if self._bar is not None:
+            self._bar.update(self._task, completed=step, terms=text)
+        elif self._plain:
+            now = time.perf_counter() - self._t0
+            if now - self._last >= LOG_EVERY_S or step == self.total:
+                self._last = now
+                done = max(step - self.initial, 1)
+                eta = now / done * (self.total - step)
+                self._console.print(
+                    f"{self.label} {step}/{self.total} ({100 * step / self.total:.0f}%) "
+                    f"elapsed {now:.0f}s eta {eta:.0f}s {text}",
+                    highlight=False,
+                    soft_wrap=True,
+                )
 
     def close(self) -> None:
         """Stop drawing."""
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
+        self._plain = False

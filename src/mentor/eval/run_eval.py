@@ -15,15 +15,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from rich.console import Console
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
+from mentor._console import err as console
 from mentor.eval import metrics as M
 from mentor.eval.cost import machine, measure_cost
 from mentor.models import model_outputs
 
-console = Console(stderr=True)
 TOPK = 5
 
 
