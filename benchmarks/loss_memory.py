@@ -219,21 +219,6 @@ def markdown(payload: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def update_section(md: str) -> None:
-    """Replace (or append) only the loss_memory section of docs/benchmarks.md."""
-    start, end = f"<!-- {SECTION}:start -->", f"<!-- {SECTION}:end -->"
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    block = f"{start}\n{md.strip()}\n{end}"
-    if start in text and end in text:
-        before, rest = text.split(start, 1)
-        _, after = rest.split(end, 1)
-        text = before + block + after
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> None:
     """Run every case in its own subprocess and write the JSON and markdown results."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -305,7 +290,9 @@ def _write(args: argparse.Namespace, results: list, *, complete: bool) -> None:
     payload = _payload(args, results, complete=complete)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(payload, indent=2) + "\n")
-    update_section(markdown(payload))
+    from benchmarks._common import update_section
+
+    update_section(SECTION, markdown(payload))
 
 
 if __name__ == "__main__":
