@@ -30,19 +30,21 @@ from mentor.teachers import OnlineTeacher
 VOCAB, SEQ, BATCH = 49_152, 128, 8
 
 
-def llama(layers: int, hidden: int, seed: int) -> torch.nn.Module:
+def llama(
+    layers: int, hidden: int, seed: int, vocab: int = VOCAB, seq: int = SEQ
+) -> torch.nn.Module:
     """A random Llama causal LM of the given depth and width."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=VOCAB,
+        vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=hidden * 4,
         num_hidden_layers=layers,
         num_attention_heads=max(1, hidden // 64),
         num_key_value_heads=max(1, hidden // 64),
-        max_position_embeddings=SEQ,
+        max_position_embeddings=seq,
         tie_word_embeddings=False,
     )
     return LlamaForCausalLM(cfg)

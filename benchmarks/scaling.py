@@ -85,29 +85,16 @@ def child_loss(v: int, t: int, chunked: bool, repeats: int) -> dict[str, Any]:
 
 def child_engine(v: int, t: int, chunked: bool, repeats: int) -> dict[str, Any]:
     """Distiller steps of the tiny Llama pair with vocabulary v on one T-token sequence."""
-    from transformers import LlamaConfig, LlamaForCausalLM
 
+    from benchmarks.engine_overhead import llama
     from mentor.config import load_config
     from mentor.data.text import TokenBlocks
     from mentor.engine import Distiller
     from mentor.losses import Objective
     from mentor.teachers import OnlineTeacher
 
-    def llama(layers: int, hidden: int, seed: int) -> torch.nn.Module:
-        torch.manual_seed(seed)
-        cfg = LlamaConfig(
-            vocab_size=v,
-            hidden_size=hidden,
-            intermediate_size=hidden * 4,
-            num_hidden_layers=layers,
-            num_attention_heads=max(1, hidden // 64),
-            num_key_value_heads=max(1, hidden // 64),
-            max_position_embeddings=t,
-            tie_word_embeddings=False,
-        )
-        return LlamaForCausalLM(cfg)
-
-    teacher, student = llama(4, 256, 1).eval(), llama(2, 128, 2)
+    teacher = llama(4, 256, 1, vocab=v, seq=t).eval()
+    student = llama(2, 128, 2, vocab=v, seq=t)
     steps = repeats + 1
     ids = torch.randint(0, v, (steps, t), generator=torch.Generator().manual_seed(0))
     term: dict[str, Any] = {"loss": "forward_kl", "weight": 1.0}
