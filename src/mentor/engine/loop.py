@@ -290,7 +290,9 @@ class Distiller:
                             teacher_out = self.teacher(batch) if self.teacher else TeacherOutput()
                             terms = model(batch, teacher_out)
                         scale = counts[i] * world / n_global
-                        acc.backward(terms["loss"] * scale)
+                        loss = terms["loss"] * scale
+                        del teacher_out  # free the teacher's logits before the backward pass
+                        acc.backward(loss)
                     for k, v in terms.items():
                         step_terms[k] = step_terms.get(k, 0.0) + v.detach().float() * counts[i]
 

@@ -31,6 +31,12 @@ NEG_INF = float("-inf")
 TAILS = ("tail_bucket", "renormalize")
 
 RowsFn = Callable[[Tensor, Any, "Tensor | None"], Tensor]
+# (student rows [R, V], dense teacher rows [R, V], labels [R] | None, weights [R, J]) ->
+# (Σ_r Σ_j w[r, j]·rows[r, j], its gradient with respect to the student rows [R, V]).
+ClosedFormFn = Callable[[Tensor, Tensor, "Tensor | None", Tensor], "tuple[Tensor, Tensor]"]
+
+# Rows per chunk of the closed-form path: about this many elements of [R, V] at a time.
+CLOSED_FORM_ELEMS = 1 << 22
 
 
 @dataclass
@@ -43,6 +49,12 @@ class RowSpec:
     teachers: frozenset[str] = field(default_factory=lambda: frozenset({"dense"}))
     needs_labels: bool = False
     uses_teacher: bool = True
+    # Optional closed-form value + student gradient for a dense teacher that needs no gradient:
+    # used by every evaluator instead of autograd (fewer passes over [R, V], nothing saved).
+    closed_form: ClosedFormFn | None = None
+    # True when ``rows`` sees the student only through ``pair_logprobs`` (its k+1 cell
+    # log-probs under a TopK teacher): the gradient over V then follows from the cells' one.
+    topk_cells: bool = False
 
 
 # ----------------------------------------------------------------------------- numerics
@@ -202,6 +214,138 @@ def rows_sum(
     return (rows * w).sum()
 
 
+def closed_rows_sum(
+    fn: ClosedFormFn, s: Tensor, t: Tensor, labels: Tensor | None, w: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Closed-form ``(Σ w·rows, ∂/∂s)`` for one block of rows (masked rows zeroed first)."""
+    dt = w.dtype
+    m = (w != 0).any(-1)
+    s, t = s.to(dt), t.to(dt)
+    if not bool(m.all()):
+        zero = torch.zeros((), dtype=dt, device=s.device)
+        s = torch.where(m.unsqueeze(-1), s, zero)
+        t = torch.where(m.unsqueeze(-1), t, zero)
+    total, grad = fn(s, t, labels, w)
+    if not bool(m.all()):
+        grad = grad.masked_fill_(~m.unsqueeze(-1), 0.0)
+    return total, grad
+
+
+def topk_cells_rows_sum(
+    spec: RowSpec,
+    s: Tensor,
+    txs: Sequence[Tensor | None],
+    w: Tensor,
+    temperature: float,
+) -> tuple[Tensor, Tensor]:
+    """``(Σ w·rows, ∂/∂s)`` under a TopK teacher with autograd only over the k+1 cells.
+
+    The loss depends on the student only through its cell log-probs ``c`` (the k kept classes and
+    the rest bucket). With ``G = ∂L/∂c`` projected so that ``Σ G = 0`` (what autograd returns for
+    normalised log-probs), ``∂L/∂z_j = G_j/τ`` for a kept class and ``p_j·G_rest/(p_rest·τ)``
+    for a class in the bucket, so the ``[R, V]`` work is one softmax, a scatter and a product.
+    """
+    dt = w.dtype
+    m = (w != 0).any(-1)
+    s = s.to(dt)
+    if not bool(m.all()):
+        s = torch.where(m.unsqueeze(-1), s, torch.zeros((), dtype=dt, device=s.device))
+    idx = txs[0].clamp(0, s.shape[-1] - 1)
+    ps = F.log_softmax(s if temperature == 1 else s / temperature, dim=-1)
+    lps_k = ps.gather(-1, idx)
+    ps = ps.exp_().scatter_(-1, idx, 0.0)  # student probabilities outside the kept classes
+    rest = ps.sum(-1)
+    cells = torch.cat([lps_k, torch.log(rest).unsqueeze(-1)], -1).requires_grad_(True)
+    k = idx.shape[-1]
+    small = torch.arange(k, device=idx.device).expand_as(idx)
+    with torch.enable_grad():
+        val = rows_sum(spec, cells * temperature, "topk", [small, *txs[1:]], None, w, temperature)
+    (gc,) = torch.autograd.grad(val, [cells])
+    gc = gc / temperature
+    pos = rest > 0
+    per_rest = torch.where(pos, gc[:, k] / torch.where(pos, rest, torch.ones_like(rest)), 0.0)
+    grad = ps.mul_(per_rest.unsqueeze(-1)).scatter_(-1, idx, gc[:, :k])
+    return val.detach(), grad
+
+
+def closed_chunk(
+    spec: RowSpec,
+    kind: str,
+    s: Tensor,
+    txs: Sequence[Tensor | None],
+    labels: Tensor | None,
+    w: Tensor,
+    temperature: float,
+) -> tuple[Tensor, Tensor]:
+    """Closed-form value and student gradient of one block of rows (see :func:`has_closed_form`)."""
+    if kind == "dense":
+        return closed_rows_sum(spec.closed_form, s, txs[0], labels, w)  # type: ignore[arg-type]
+    dt = w.dtype
+    m = (w != 0).any(-1)
+    return topk_cells_rows_sum(spec, s, _sanitize_teacher(kind, txs, m, dt), w, temperature)
+
+
+def has_closed_form(spec: RowSpec, kind: str) -> bool:
+    """Whether ``spec`` has a closed-form student gradient for this teacher kind."""
+    return (kind == "dense" and spec.closed_form is not None) or (
+        kind == "topk" and spec.topk_cells
+    )
+
+
+def _row_blocks(x: Tensor) -> Tensor:
+    """``x [..., R, V]`` as ``[B, R, V]`` without copying a slice along ``R`` (e.g. ``[:, :-1]``)."""
+    return x.reshape(1, *x.shape) if x.dim() == 2 else x.reshape(-1, *x.shape[-2:])
+
+
+class _ClosedFormRows(torch.autograd.Function):
+    """Row loss with a closed-form student gradient, evaluated ``chunk`` rows at a time.
+
+    Works on the student (and a dense teacher) as given: a shifted ``logits[:, :-1]`` view is
+    read block by block, never copied. Keeps only the ``[..., V]`` gradient buffer and one
+    chunk's intermediates; the gradient is computed during the forward pass.
+    """
+
+    @staticmethod
+    def forward(ctx, spec, kind, temperature, chunk, w, lab, s, *txs):  # noqa: D102
+        s3 = _row_blocks(s)
+        nb, r, _ = s3.shape
+        t3 = _row_blocks(txs[0]) if kind == "dense" else None  # sparse teachers come flat [N, k]
+        buf = torch.empty(s3.shape, dtype=s.dtype, device=s.device)
+        total = torch.zeros((), dtype=w.dtype, device=s.device)
+        for b in range(nb):
+            for a in range(0, r, chunk):
+                e = min(a + chunk, r)
+                lo, hi = b * r + a, b * r + e
+                wc = w[lo:hi]
+                if not bool((wc != 0).any()):
+                    buf[b, a:e] = 0
+                    continue
+                if t3 is not None:
+                    tc = [t3[b, a:e]]
+                else:
+                    tc = [None if x is None else x[lo:hi] for x in txs]
+                lc = None if lab is None else lab[lo:hi]
+                val, g = closed_chunk(spec, kind, s3[b, a:e], tc, lc, wc, temperature)
+                buf[b, a:e] = g
+                total += val
+        ctx.buf, ctx.shape, ctx.scale, ctx.n_t = buf, s.shape, None, len(txs)
+        return total
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: D102
+        # First call: scale the buffer in place (no extra [N, V]); any later call on a retained
+        # graph returns a new tensor, so a gradient handed out earlier is never changed.
+        buf, scale = ctx.buf, ctx.scale
+        if scale is None and float(g) == 0.0:
+            grad = torch.zeros_like(buf)
+        elif scale is None:
+            grad = buf.mul_(g.to(buf.dtype))
+            ctx.scale = g.detach().clone()
+        else:
+            grad = buf * (g / scale).to(buf.dtype)
+        return (None,) * 6 + (grad.reshape(ctx.shape),) + (None,) * ctx.n_t
+
+
 def _weights(
     spec: RowSpec, lead_shape: torch.Size, labels: Tensor | None, mask: Tensor | None, dt, device
 ) -> Tensor:
@@ -273,6 +417,12 @@ def run_rows(
     n = lead.numel()
     dt = _compute_dtype(student, kind, teacher)
     w = _weights(spec, lead, labels, mask, dt, student.device)
+    if has_closed_form(spec, kind) and torch.is_grad_enabled() and student.requires_grad:
+        txs = [teacher] if kind == "dense" else _flat_teacher(teacher, n, v)[1]
+        if not any(x is not None and x.requires_grad for x in txs):
+            chunk = chunk_size or max(1, CLOSED_FORM_ELEMS // max(1, v))
+            lab = None if labels is None else labels.reshape(n)
+            return _ClosedFormRows.apply(spec, kind, temperature, chunk, w, lab, student, *txs)
     s = student.reshape(n, v)
     kind, txs = _flat_teacher(teacher, n, v)
     lab = None if labels is None else labels.reshape(n)
@@ -382,10 +532,14 @@ class _FusedLinearRows(torch.autograd.Function):
             if not (need_h or need_w or gb is not None):
                 total += rows_sum(spec, logits, kind, tc, lc, wc, temperature)
                 continue
-            logits.requires_grad_(True)
-            with torch.enable_grad():
-                val = rows_sum(spec, logits, kind, tc, lc, wc, temperature)
-            (gl,) = torch.autograd.grad(val, [logits])
+            if has_closed_form(spec, kind):
+                val, gl = closed_chunk(spec, kind, logits, tc, lc, wc, temperature)
+                gl = gl.to(logits.dtype)
+            else:
+                logits.requires_grad_(True)
+                with torch.enable_grad():
+                    val = rows_sum(spec, logits, kind, tc, lc, wc, temperature)
+                (gl,) = torch.autograd.grad(val, [logits])
             del logits
             if gh is not None:
                 gh[sl] = (gl @ weight).to(gh.dtype)

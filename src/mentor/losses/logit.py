@@ -9,6 +9,7 @@ where the loss supports it (see each docstring).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -132,6 +133,81 @@ class _DenseForwardKL(torch.autograd.Function):
         return grad_s, grad_t, None
 
 
+# ---------------------------------------------------------------- closed-form dense rows
+# Each part returns per-row values [R] and their gradient d rows_r / d s_r [R, V] for a dense
+# teacher (no teacher gradient); _closed() weights and sums them (RowSpec.closed_form). Classes
+# with zero probability contribute 0 (0·log 0 = 0), as in the autograd definitions.
+
+
+def _lp(x: Tensor, temperature: float) -> Tensor:
+    return F.log_softmax(x if temperature == 1 else x / temperature, dim=-1)
+
+
+def _plogratio(p: Tensor, la: Tensor, lb: Tensor) -> Tensor:
+    """``p·(la − lb)`` elementwise with 0 where ``p == 0``."""
+    return torch.where(p > 0, (la - lb).mul_(p), 0.0)
+
+
+def _fkl_part(temperature: float) -> Callable[..., tuple[Tensor, Tensor]]:
+    def part(s: Tensor, t: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor]:
+        lps, lpt = _lp(s, temperature), _lp(t, temperature)
+        pt = lpt.exp()
+        rows = _plogratio(pt, lpt, lps).sum(-1)
+        return rows, lps.exp_().sub_(pt).div_(temperature)
+
+    return part
+
+
+def _rkl_part(temperature: float) -> Callable[..., tuple[Tensor, Tensor]]:
+    def part(s: Tensor, t: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor]:
+        lps, lpt = _lp(s, temperature), _lp(t, temperature)
+        ps = lps.exp()
+        d = _plogratio(ps, lps, lpt)
+        rows = d.sum(-1)
+        return rows, d.sub_(ps.mul_(rows.unsqueeze(-1))).div_(temperature)
+
+    return part
+
+
+def _jsd_part(beta: float, temperature: float) -> Callable[..., tuple[Tensor, Tensor]]:
+    def part(s: Tensor, t: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor]:
+        lps, lpt = _lp(s, temperature), _lp(t, temperature)
+        lm = torch.logaddexp(lpt + math.log(beta), lps + math.log1p(-beta))
+        ps, pt = lps.exp(), lpt.exp()
+        kt = _plogratio(pt, lpt, lm).sum(-1)
+        ds = _plogratio(ps, lps, lm)
+        ks = ds.sum(-1)
+        grad = ds.sub_(ps.mul_(ks.unsqueeze(-1))).mul_((1 - beta) / temperature)
+        return beta * kt + (1 - beta) * ks, grad
+
+    return part
+
+
+def _ce_part(s: Tensor, t: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor]:
+    assert labels is not None
+    y = labels.clamp_min(0).unsqueeze(-1)
+    lps = F.log_softmax(s, dim=-1)
+    rows = -lps.gather(-1, y).squeeze(-1)
+    grad = lps.exp_().scatter_add_(-1, y, torch.full_like(y, -1, dtype=lps.dtype))
+    return rows, grad
+
+
+def _closed(*parts: tuple[Callable[..., tuple[Tensor, Tensor]], float, int]) -> Callable:
+    """``RowSpec.closed_form`` from (part, coefficient, weight column) triples."""
+
+    def fn(s: Tensor, t: Tensor, labels: Tensor | None, w: Tensor) -> tuple[Tensor, Tensor]:
+        total, grad = torch.zeros((), dtype=w.dtype, device=w.device), None
+        for part, coef, col in parts:
+            rows, g = part(s, t, labels)
+            wj = w[:, col] * coef
+            total = total + (rows * wj).sum()
+            g = g.mul_(wj.unsqueeze(-1))
+            grad = g if grad is None else grad.add_(g)
+        return total, grad
+
+    return fn
+
+
 def _fkl_rows(
     s: Tensor, t: Any, temperature: float, standardize: bool, eps: float, tail: str, name: str
 ) -> Tensor:
@@ -173,12 +249,18 @@ def _build_kd(
             return torch.stack([(1 - alpha) * soft, alpha * _ce_rows(s, labels)], -1)
         return soft
 
+    closed = None
+    if not standardize:
+        soft = (_fkl_part(temperature), (1 - alpha) * tau2, 0)
+        closed = _closed(soft, (_ce_part, alpha, 1)) if alpha > 0 else _closed(soft)
     return RowSpec(
         "kd",
         rows,
         label_flags=(True, True) if alpha > 0 else (False,),
         teachers=DENSE if standardize else ALL_TEACHERS,
         needs_labels=alpha > 0,
+        closed_form=closed,
+        topk_cells=not standardize and alpha == 0,
     )
 
 
@@ -236,7 +318,13 @@ def _build_fkl(
     def rows(s: Tensor, t: Any, labels: Tensor | None) -> Tensor:
         return _fkl_rows(s, t, temperature, standardize, standardize_eps, tail, "forward_kl")
 
-    return RowSpec("forward_kl", rows, teachers=DENSE if standardize else ALL_TEACHERS)
+    return RowSpec(
+        "forward_kl",
+        rows,
+        teachers=DENSE if standardize else ALL_TEACHERS,
+        closed_form=None if standardize else _closed((_fkl_part(temperature), 1.0, 0)),
+        topk_cells=not standardize,
+    )
 
 
 @register_loss("forward_kl", check=_CHK_FKL)
@@ -292,7 +380,13 @@ def _build_rkl(*, temperature: float = 1.0, tail: str = "tail_bucket") -> RowSpe
         lp_s, lp_t = pair_logprobs(s, t, temperature, tail, name="reverse_kl")
         return kl_rows(lp_s, lp_t)
 
-    return RowSpec("reverse_kl", rows, teachers=DENSE_TOPK)
+    return RowSpec(
+        "reverse_kl",
+        rows,
+        teachers=DENSE_TOPK,
+        closed_form=_closed((_rkl_part(temperature), 1.0, 0)),
+        topk_cells=True,
+    )
 
 
 @register_loss("reverse_kl", check=_CHK_RKL)
@@ -345,7 +439,15 @@ def _build_jsd(
         lm = log_mix(lp_t, lp_s, beta, 1 - beta)
         return beta * kl_rows(lp_t, lm) + (1 - beta) * kl_rows(lp_s, lm)
 
-    return RowSpec("jsd", rows, teachers=DENSE_TOPK)
+    if beta == 0:
+        part = _fkl_part(temperature)
+    elif beta == 1:
+        part = _rkl_part(temperature)
+    else:
+        part = _jsd_part(beta, temperature)
+    return RowSpec(
+        "jsd", rows, teachers=DENSE_TOPK, closed_form=_closed((part, 1.0, 0)), topk_cells=True
+    )
 
 
 @register_loss("jsd", check=_CHK_JSD)
@@ -384,7 +486,7 @@ def _build_tvd(*, temperature: float = 1.0, tail: str = "tail_bucket") -> RowSpe
         lp_s, lp_t = pair_logprobs(s, t, temperature, tail, name="tvd")
         return 0.5 * (lp_t.exp() - lp_s.exp()).abs().sum(-1)
 
-    return RowSpec("tvd", rows, teachers=DENSE_TOPK)
+    return RowSpec("tvd", rows, teachers=DENSE_TOPK, topk_cells=True)
 
 
 @register_loss("tvd", check=_CHK_TVD)
@@ -423,7 +525,7 @@ def _build_skew_kl(
         lp_s, lp_t = pair_logprobs(s, t, temperature, tail, name="skew_kl")
         return kl_rows(lp_t, log_mix(lp_t, lp_s, alpha, 1 - alpha))
 
-    return RowSpec("skew_kl", rows, teachers=DENSE_TOPK)
+    return RowSpec("skew_kl", rows, teachers=DENSE_TOPK, topk_cells=True)
 
 
 @register_loss("skew_kl", check=_CHK_SKEW)
@@ -458,7 +560,7 @@ def _build_skew_rkl(
         lp_s, lp_t = pair_logprobs(s, t, temperature, tail, name="skew_reverse_kl")
         return kl_rows(lp_s, log_mix(lp_s, lp_t, alpha, 1 - alpha))
 
-    return RowSpec("skew_reverse_kl", rows, teachers=DENSE_TOPK)
+    return RowSpec("skew_reverse_kl", rows, teachers=DENSE_TOPK, topk_cells=True)
 
 
 @register_loss("skew_reverse_kl", check=_CHK_SKEW)
@@ -579,7 +681,7 @@ def _build_taid(
         target = F.log_softmax(mix, -1).detach()
         return kl_rows(target, lp_s)
 
-    return RowSpec("taid", rows, teachers=DENSE_TOPK)
+    return RowSpec("taid", rows, teachers=DENSE_TOPK, topk_cells=True)
 
 
 @register_loss("taid", check=_CHK_TAID)
@@ -630,7 +732,7 @@ def _build_bd_kd(
         w_r = torch.where(less_confident, boost * one, one)
         return tau2 * (w_f * fkl + w_r * rkl)
 
-    return RowSpec("bd_kd", rows, teachers=DENSE_TOPK)
+    return RowSpec("bd_kd", rows, teachers=DENSE_TOPK, topk_cells=True)
 
 
 @register_loss("bd_kd", check=_CHK_BD)
@@ -712,7 +814,7 @@ def _build_ce() -> RowSpec:
 
     return RowSpec(
         "ce", rows, label_flags=(True,), teachers=ALL_TEACHERS, needs_labels=True,
-        uses_teacher=False,
+        uses_teacher=False, closed_form=_closed((_ce_part, 1.0, 0)),
     )  # fmt: skip
 
 
