@@ -6,7 +6,9 @@ head ``[V, H]``, dense teacher logits ``[1, T, V]``), records ``ru_maxrss`` as t
 runs forward + backward once; the peak is ``ru_maxrss`` minus that baseline. Time is the minimum
 over ``--repeats`` runs. Every variant starts from the hidden states:
 
-* plain   — ``loss(hidden @ W.T, teacher)``;
+* torch   — the loss written directly in PyTorch (log-softmax, KL / the GKD mixture via
+  ``logsumexp``, as in TRL's ``generalized_jsd_loss``): the baseline a user would write;
+* plain   — ``loss(hidden @ W.T, teacher)`` (mentor's default: closed-form gradient, chunked);
 * chunked — ``loss(hidden @ W.T, teacher, chunk_size=c)`` (full logits, chunked loss);
 * fused   — ``fused_linear_loss(hidden, W, teacher, chunk_size=c)`` (no full logits).
 
@@ -28,13 +30,15 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+from benchmarks import _common as C
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "loss_memory.json"
 DOC = ROOT / "docs" / "benchmarks.md"
 SECTION = "loss_memory"
 VOCABS = (151936, 128256, 49152, 32000)  # largest first: the headline cases finish first
 LOSSES = ("forward_kl", "jsd")
-MODES = ("plain", "chunked", "fused")
+MODES = ("torch", "plain", "chunked", "fused")
 
 
 def chunk_rows(vocab: int) -> int:
@@ -60,6 +64,22 @@ def _maxrss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
+def torch_reference(s: Any, t: Any, loss: str) -> Any:
+    """The loss as a user would write it in PyTorch (mean over positions)."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    lps, lpt = F.log_softmax(s, -1), F.log_softmax(t, -1)
+    if loss == "forward_kl":
+        return F.kl_div(lps, lpt, reduction="none", log_target=True).sum(-1).mean()
+    lm = torch.logsumexp(torch.stack([lps + math.log(0.5), lpt + math.log(0.5)]), dim=0)
+    kl_t = F.kl_div(lm, lpt, reduction="none", log_target=True)
+    kl_s = F.kl_div(lm, lps, reduction="none", log_target=True)
+    return (0.5 * kl_t + 0.5 * kl_s).sum(-1).mean()
+
+
 def run_case(vocab: int, loss: str, mode: str, seq: int, hidden: int, repeats: int) -> dict:
     """Measure one case in this process (called in a fresh subprocess)."""
     import torch
@@ -77,7 +97,9 @@ def run_case(vocab: int, loss: str, mode: str, seq: int, hidden: int, repeats: i
     c = chunk_rows(vocab)
 
     def step() -> float:
-        if mode == "plain":
+        if mode == "torch":
+            out = torch_reference(F.linear(h, w), teacher, loss)
+        elif mode == "plain":
             out = fn(F.linear(h, w), teacher)
         elif mode == "chunked":
             out = fn(F.linear(h, w), teacher, chunk_size=c)
@@ -108,7 +130,7 @@ def run_case(vocab: int, loss: str, mode: str, seq: int, hidden: int, repeats: i
         "mode": mode,
         "seq": seq,
         "hidden": hidden,
-        "chunk_size": c if mode != "plain" else None,
+        "chunk_size": c if mode in ("chunked", "fused") else None,
         "peak_mib": round(peak, 1),
         "time_s": round(min(times), 3),
         "times_s": [round(t, 3) for t in times],
@@ -178,33 +200,35 @@ def markdown(payload: dict[str, Any]) -> str:
     m = payload["machine"]
     cfg = payload["config"]
     lines = [
-        "## Logit-loss memory: plain vs chunked vs fused",
+        "## Logit-loss memory: plain PyTorch vs mentor (plain, chunked, fused)",
         *(["", "**Partial run** (not every case finished)."] if not payload["complete"] else []),
         "",
         f"Forward + backward from student hidden states `[1, {cfg['seq']}, {cfg['hidden']}]`, "
-        f"output head `[V, {cfg['hidden']}]`, dense float32 teacher logits. Peak = process "
-        f"`ru_maxrss` growth over the baseline after allocating the inputs (fresh subprocess per "
-        f"case, glibc `MALLOC_MMAP_THRESHOLD_=1MiB` so freed blocks leave the RSS); time = "
-        f"best of {cfg['repeats']} in a separate subprocess with the default allocator (first "
-        f"call, page faults included). Chunk = about 2²³ logits per chunk. "
-        f"Ratios are relative to plain. Measured on {m['cpu']} ({m['cores']} cores), torch "
-        f"{m['torch']}, {m['date']}. Regenerate with `.venv/bin/python -m benchmarks.loss_memory`.",
+        f"output head `[V, {cfg['hidden']}]`, dense float32 teacher logits. *PyTorch* is the loss "
+        f"written directly (log-softmax + `F.kl_div`; for JSD the mixture via `logsumexp` of the "
+        f"stacked log-probs, as TRL's `generalized_jsd_loss`); *mentor* is `mentor.losses` "
+        f"as called by the engine (closed-form gradient, evaluated chunk by chunk); *chunked* adds "
+        f"`chunk_size=` (about 2²³ logits per chunk); *fused* never builds the student logits "
+        f"(`fused_linear_loss`). Peak = process `ru_maxrss` growth over the baseline after "
+        f"allocating the inputs (fresh subprocess per case, glibc `MALLOC_MMAP_THRESHOLD_=1MiB` "
+        f"so freed blocks leave the RSS); time = best of {cfg['repeats']} in a separate "
+        f"subprocess with the default allocator (first call, page faults included), wall / CPU "
+        f"seconds. Ratios (×) are relative to PyTorch; time ratios use CPU time. Measured on "
+        f"{m['cpu']} ({m['cores']} cores), torch {m['torch']}, {m['date']}. Regenerate with "
+        f"`.venv/bin/python -m benchmarks.loss_memory`.{payload.get('load_note', '')}",
         "",
-        "Time columns: wall seconds / CPU seconds (user+system of the process; the machine was "
-        "shared with other jobs, so CPU time is the steadier measure); ratios use CPU time.",
-        "",
-        "| loss | V | plain peak MiB | plain s (wall/CPU) | chunked peak MiB (×) "
-        "| chunked s (×) | fused peak MiB (×) | fused s (×) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| loss | V | PyTorch peak MiB | PyTorch s | mentor peak MiB (×) | mentor s (×) "
+        "| chunked peak MiB (×) | chunked s (×) | fused peak MiB (×) | fused s (×) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     by = {(r["loss"], r["vocab"], r["mode"]): r for r in payload["results"]}
     for loss in cfg["losses"]:
         for v in cfg["vocabs"]:
-            p = by.get((loss, v, "plain"))
+            p = by.get((loss, v, "torch"))
             if p is None:
                 continue
             cells = [loss, str(v), f"{p['peak_mib']:.0f}", f"{p['time_s']:.1f} / {p['cpu_s']:.1f}"]
-            for mode in ("chunked", "fused"):
+            for mode in ("plain", "chunked", "fused"):
                 r = by.get((loss, v, mode))
                 if r is None:
                     cells += ["–", "–"]
@@ -273,6 +297,7 @@ def main(argv: list[str] | None = None) -> None:
 def _payload(args: argparse.Namespace, results: list, *, complete: bool) -> dict[str, Any]:
     return {
         "machine": machine(),
+        "load_note": C.load_note(),
         "config": {
             "seq": args.seq,
             "hidden": args.hidden,
@@ -290,9 +315,7 @@ def _write(args: argparse.Namespace, results: list, *, complete: bool) -> None:
     payload = _payload(args, results, complete=complete)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(payload, indent=2) + "\n")
-    from benchmarks._common import update_section
-
-    update_section(SECTION, markdown(payload))
+    C.update_section(SECTION, markdown(payload))
 
 
 if __name__ == "__main__":

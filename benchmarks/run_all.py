@@ -89,6 +89,17 @@ def summary() -> list[str]:
                 f"vs TRL, {r['pair']} pair, {r['loss']}, {r['side']}: "
                 f"{r['speed_vs_trl']:.2f}× tokens/s, {r['rss_vs_trl']:.2f}× peak RSS."
             )
+    lm = read_json("loss_memory")
+    if lm and lm.get("results"):
+        by = {(r["loss"], r["vocab"], r["mode"]): r for r in lm["results"]}
+        for (loss, v, mode), r in sorted(by.items()):
+            base = by.get((loss, v, "torch"))
+            if mode == "torch" or base is None or v != max(lm["config"]["vocabs"]):
+                continue
+            out.append(
+                f"Loss memory, {loss}, V={v}: {mode} peak {r['peak_mib'] / base['peak_mib']:.2f}× "
+                f"of plain PyTorch, CPU time {r['cpu_s'] / base['cpu_s']:.2f}×."
+            )
     cf = read_json("cache_fidelity")
     if cf and "step_time" in cf:
         out.append(

@@ -36,7 +36,7 @@ RowsFn = Callable[[Tensor, Any, "Tensor | None"], Tensor]
 ClosedFormFn = Callable[[Tensor, Tensor, "Tensor | None", Tensor], "tuple[Tensor, Tensor]"]
 
 # Rows per chunk of the closed-form path: about this many elements of [R, V] at a time.
-CLOSED_FORM_ELEMS = 1 << 22
+CLOSED_FORM_ELEMS = 1 << 20
 
 
 @dataclass
