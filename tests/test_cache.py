@@ -304,3 +304,25 @@ def test_cached_teacher_with_a_student_built_from_the_teacher(tmp_path):
     res = distill(load_config("tiny-lm", use), quiet=True)
     assert res.student.config.num_hidden_layers == 1
     assert (res.run_dir / "student").exists()
+
+
+def test_cached_features_reach_feature_terms_like_the_online_teacher(tmp_path, toy):
+    """A features-only cache (an embedding teacher's 'output') trains like the online teacher."""
+    bundle, teacher = toy
+    s = CacheSettings(top_k=0, features=["output"], dtype="fp32")
+    write_cache(teacher, {"train": bundle.train}, tmp_path / "f", s, progress=False)
+    store = open_store(tmp_path / "f")
+    cached = CachedTeacher(store)
+    assert cached.features == ["output"] and not cached.has_logits
+    objective = {"emb": {"loss": "cosine_embedding", "student": "output", "teacher": "output"}}
+    runs = []
+    for name, src in [("online", OnlineTeacher(teacher)), ("cached", cached)]:
+        cfg = _cfg(tmp_path / name, objective)
+        torch.manual_seed(1)
+        student = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 6))
+        d = Distiller(student, src, Objective(cfg.objective), bundle.train, cfg)
+        d.fit()
+        runs.append([r["loss"] for r in d.history])
+    assert runs[0][0] > 0.01 and runs[0] == pytest.approx(runs[1], rel=1e-5)
+    with pytest.raises(ValueError, match=r"no feature 'encoder.layer.1'.*--features"):
+        CachedTeacher(store, features=["encoder.layer.1"])

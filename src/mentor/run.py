@@ -171,7 +171,7 @@ def build_teacher(
         from mentor.teachers.store import open_store
 
         store = open_store(tc.cache, check=tc.cache_check, cfg=cfg, bundle=bundle)
-        return CachedTeacher(store), module
+        return CachedTeacher(store, features=taps), module
     if tc.source == "ensemble":
         members = [
             OnlineTeacher(build_teacher_module(m, cfg, bundle), precision=m.precision)

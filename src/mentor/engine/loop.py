@@ -77,7 +77,8 @@ class DistillModule(nn.Module):
         t_feats = teacher.features
         if self.objective.taps:
             feats = {**feats, OUTPUT_TAP: logits}
-            t_feats = {**t_feats, OUTPUT_TAP: t_logits}
+            if t_logits is not None or OUTPUT_TAP not in t_feats:  # cached: a stored feature
+                t_feats = {**t_feats, OUTPUT_TAP: t_logits}
         return self.objective(
             logits,
             t_logits,

@@ -110,13 +110,34 @@ class CachedTeacher(TeacherSource):
     ``store`` maps example id -> signal (a logits tensor, or a ``TopK``/``Sampled`` signal for
     one example); anything with ``__getitem__`` works, e.g. a dict or an on-disk cache reader.
     A store may also offer ``batch(ids)`` returning an already batched signal.
+
+    ``features``: names of pooled features to read with ``store.features(ids, name)`` (a cache
+    made with ``mentor cache --features``); they reach the objective's feature terms by name.
+    A cache that stores features only (an embedding teacher) gives no logits, and its
+    ``output`` feature is read automatically.
     """
 
-    def __init__(self, store: Any) -> None:
-        """Wrap ``store``."""
+    def __init__(self, store: Any, features: Sequence[str] = ()) -> None:
+        """Wrap ``store``; check that the requested features are stored."""
         self.store = store
         self.taps = []
         self.device: torch.device | str = "cpu"
+        manifest = getattr(store, "manifest", None)
+        self.has_logits = getattr(store, "kind", "logits") is not None
+        feats = list(dict.fromkeys(features))
+        if manifest is not None:
+            stored = list((manifest.get("signals", {}).get("features") or {}).keys())
+            if not self.has_logits and "output" in stored and "output" not in feats:
+                feats.append("output")
+            missing = [f for f in feats if f not in stored]
+            if missing:
+                raise ValueError(
+                    f"teacher cache {getattr(store, 'path', '')} has no feature {missing[0]!r} "
+                    f"(stored: {', '.join(stored) or 'none'}); the objective's feature terms "
+                    f"need it: re-create the cache with `mentor cache RECIPE --out DIR "
+                    f"--features {' '.join(missing)}`"
+                )
+        self.features = feats
 
     def to(self, device: torch.device | str) -> CachedTeacher:
         """Signals are moved to ``device`` as they are read."""
@@ -124,20 +145,22 @@ class CachedTeacher(TeacherSource):
         return self
 
     def __call__(self, batch: dict[str, Any]) -> TeacherOutput:
-        """Batch the stored signals of the batch's example ids."""
+        """Batch the stored signals (and features) of the batch's example ids."""
         if "index" not in batch:
             raise KeyError("a cached teacher needs batches with an 'index' field (example ids)")
         ids = [int(i) for i in batch["index"]]
-        if hasattr(self.store, "batch"):
+        sig = None
+        if self.has_logits and hasattr(self.store, "batch"):
             sig = self.store.batch(ids)
-        else:
+        elif self.has_logits:
             try:
                 sig = _stack([self.store[i] for i in ids])
             except KeyError as e:
                 raise KeyError(f"cached teacher has no signal for example id {e}") from None
         if hasattr(sig, "to"):
             sig = sig.to(self.device)
-        return TeacherOutput(logits=sig)
+        feats = {n: self.store.features(ids, n).to(self.device) for n in self.features}
+        return TeacherOutput(logits=sig, features=feats)
 
 
 class EnsembleTeacher(TeacherSource):
