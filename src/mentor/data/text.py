@@ -315,7 +315,8 @@ def hf_disk(
         from datasets import DatasetDict, load_from_disk
     except ImportError:
         raise ValueError(
-            "data.source=hf_disk needs the 'datasets' package: pip install datasets"
+            "data.source=hf_disk needs the 'datasets' package: pip install 'mentor[hf]' "
+            "(or pip install datasets)"
         ) from None
     ds = load_from_disk(str(Path(path).expanduser()))
     if isinstance(ds, DatasetDict):
