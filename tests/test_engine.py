@@ -322,6 +322,8 @@ def test_fused_head_training_equals_plain(tmp_path, tiny_lm):
         d = Distiller(
             student, OnlineTeacher(teacher), Objective(cfg.objective), data, cfg, task="causal_lm"
         )
+        # fused: the online teacher's logits are fused too (hidden states + head)
+        assert d._teacher_head == (fused != "null")
         d.fit()
         results.append(([r["loss"] for r in d.history], student.state_dict()))
     (l1, w1), (l2, w2) = results
@@ -338,3 +340,20 @@ def test_fused_head_needs_a_causal_lm(tmp_path, toy):
         Distiller(
             make_student(), OnlineTeacher(teacher), Objective(cfg.objective), bundle.train, cfg
         )
+
+
+def test_teacher_head_only_for_plain_linear_heads(tiny_lm):
+    from mentor.teachers.sources import linear_head
+
+    model = copy.deepcopy(tiny_lm)
+    assert linear_head(model) is model.get_output_embeddings()
+    model.config.final_logit_softcapping = 30.0  # Gemma-2 style: logits are not lm_head(h)
+    assert linear_head(model) is None
+    assert linear_head(nn.Linear(3, 3)) is None
+    batch = {"input_ids": torch.randint(0, 10, (2, 5))}
+    with pytest.raises(ValueError, match="no plain linear output head"):
+        OnlineTeacher(model).head_output(batch)
+    out = OnlineTeacher(tiny_lm).head_output(batch)
+    with torch.no_grad():
+        ref = tiny_lm(input_ids=batch["input_ids"]).logits
+    torch.testing.assert_close(out.logits.logits(), ref)

@@ -302,3 +302,42 @@ def test_missing_teacher_raises_except_for_ce():
     lab = torch.tensor([1, 2])
     fused = L.fused_linear_loss(h, w, None, loss="ce", labels=lab, chunk_size=1)
     assert float(fused) == pytest.approx(float(L.ce(h @ w.T, None, labels=lab)), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["forward_kl", "jsd", "tvd", "kd"])
+@pytest.mark.parametrize("shifted", [False, True])
+def test_fused_with_teacher_head_and_shifted_views_equals_plain(name, shifted):
+    """HeadLogits teachers (logits computed per chunk) and shifted dense views, vs plain."""
+    from mentor.signals import HeadLogits
+
+    g = torch.Generator().manual_seed(3)
+    b_, t_, h_, ht, v_ = 2, 7, 6, 5, 13
+    hidden = torch.randn(b_, t_, h_, generator=g, dtype=D).requires_grad_(True)
+    weight = (torch.randn(v_, h_, generator=g, dtype=D) * 0.7).requires_grad_(True)
+    t_hidden = torch.randn(b_, t_, ht, generator=g, dtype=D)
+    t_weight, t_bias = torch.randn(v_, ht, generator=g, dtype=D), torch.randn(v_, dtype=D)
+    head = HeadLogits(t_hidden, t_weight, t_bias)
+    mask = torch.ones(b_, t_, dtype=torch.bool)
+    mask[1, 3] = False
+    labels = torch.randint(0, v_, (b_, t_), generator=g)
+    hs, dense = hidden, head.logits()
+    if shifted:
+        hs, head, dense = hidden[:, :-1], head[:, :-1], dense[:, :-1]
+        mask, labels = mask[:, 1:], labels[:, 1:]
+    assert head.shape == dense.shape
+    hp = HP.get(name, {})
+    kw = {"mask": mask, "labels": labels}
+    plain = _fn(name)(F.linear(hs, weight), dense, **kw, **hp)
+    g_plain = torch.autograd.grad(plain, [hidden, weight])
+    for teacher in (head, dense):
+        fused = L.fused_linear_loss(
+            hs, weight, teacher, loss=name, chunk_size=4, **kw, **hp
+        )  # fmt: skip
+        g_fused = torch.autograd.grad(fused, [hidden, weight])
+        assert float(fused) == pytest.approx(float(plain), rel=1e-12)
+        for a, b in zip(g_fused, g_plain):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # a non-fused loss materialises the head's logits
+    assert float(_fn(name)(F.linear(hs, weight), head, **kw, **hp)) == pytest.approx(
+        float(plain), rel=1e-12
+    )

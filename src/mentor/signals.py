@@ -204,3 +204,47 @@ class Sampled:
 Teacher = Tensor | TopK | Sampled
 
 __all__ = ["Sampled", "Teacher", "TopK"]
+
+
+@dataclass
+class HeadLogits:
+    """Dense logits kept as final hidden states and the output head: ``hidden @ weight.T + bias``.
+
+    ``hidden`` ``[..., H]``, ``weight`` ``[V, H]``, ``bias`` ``[V]`` or None. A fused loss
+    (:func:`mentor.losses.fused_linear_loss`, the engine's ``train.fused_loss_chunk``) computes
+    the teacher logits of each chunk of rows from this, so the teacher's ``[N, V]`` logits never
+    exist; every other consumer calls :meth:`logits`. Behaves like a dense logits tensor for
+    shape checks and position slicing (``sig[:, :-1]``).
+    """
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Tensor | None = None
+
+    @property
+    def shape(self) -> torch.Size:
+        """The shape of the logits this stands for: ``[..., V]``."""
+        return torch.Size((*self.hidden.shape[:-1], self.weight.shape[0]))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The logits' dtype."""
+        return torch.promote_types(self.hidden.dtype, self.weight.dtype)
+
+    @property
+    def requires_grad(self) -> bool:
+        """Whether any part needs a gradient (a frozen teacher: no)."""
+        return any(x is not None and x.requires_grad for x in (self.hidden, self.weight, self.bias))
+
+    def __getitem__(self, idx: Any) -> HeadLogits:
+        """Select positions (leading dims only); the head is shared."""
+        return HeadLogits(self.hidden[_lead_index(idx)], self.weight, self.bias)
+
+    def logits(self) -> Tensor:
+        """Materialise the full logits."""
+        return F.linear(self.hidden, self.weight, self.bias)
+
+    def to(self, device: Any) -> HeadLogits:
+        """Move to ``device``."""
+        b = None if self.bias is None else self.bias.to(device)
+        return HeadLogits(self.hidden.to(device), self.weight.to(device), b)

@@ -36,7 +36,8 @@ from mentor.eval.metrics import accuracy, agreement
 from mentor.losses import Objective
 from mentor.losses.objective import FusedHead
 from mentor.models import model_outputs
-from mentor.teachers import FeatureTaps, TeacherOutput, TeacherSource
+from mentor.teachers import FeatureTaps, OnlineTeacher, TeacherOutput, TeacherSource
+from mentor.teachers.sources import linear_head
 
 # Feature/batch terms may name this pseudo tap to compare the models' outputs themselves
 # (e.g. sentence embeddings: ``{loss: cosine_embedding, student: output, teacher: output}``).
@@ -90,8 +91,7 @@ class DistillModule(nn.Module):
 
 
 def _check_fusable(student: nn.Module, task: str) -> None:
-    head = getattr(student, "get_output_embeddings", lambda: None)()
-    if task != "causal_lm" or not isinstance(head, nn.Linear) or not hasattr(student, "base_model"):
+    if task != "causal_lm" or linear_head(student) is None:
         raise ValueError(
             "train.fused_loss_chunk needs a causal LM student with a linear output head "
             "(a Hugging Face *ForCausalLM); set train.fused_loss_chunk=null for this model"
@@ -167,6 +167,14 @@ class Distiller:
             )
         check_schedules(config.train.schedules, objective)
         self.model = DistillModule(student, objective, task, config.train.fused_loss_chunk)
+        # with a fused student head, an online causal-LM teacher's logits are fused too: its
+        # hidden states and head go to the loss, which computes them chunk by chunk
+        self._teacher_head = (
+            config.train.fused_loss_chunk is not None
+            and isinstance(teacher, OnlineTeacher)
+            and OUTPUT_TAP not in {t for _, t in objective.taps.values()}
+            and linear_head(teacher.module) is not None
+        )
         self.history: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ set-up helpers
@@ -195,6 +203,13 @@ class Distiller:
         for k in range(start, n_batches):
             lo = k * b * world + rank * b
             yield self.collate([self.train_data[int(i)] for i in perm[lo : lo + b]])
+
+    def _teacher_output(self, batch: dict[str, Any]) -> TeacherOutput:
+        if self.teacher is None:
+            return TeacherOutput()
+        if self._teacher_head:
+            return self.teacher.head_output(batch)  # type: ignore[attr-defined]
+        return self.teacher(batch)
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         t = self.cfg.train
@@ -288,7 +303,7 @@ class Distiller:
                     last = i == len(window) - 1
                     with nullcontext() if last else acc.no_sync(model):
                         with acc.autocast():
-                            teacher_out = self.teacher(batch) if self.teacher else TeacherOutput()
+                            teacher_out = self._teacher_output(batch)
                             terms = model(batch, teacher_out)
                         scale = counts[i] * world / n_global
                         loss = terms["loss"] * scale

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mentor.losses._reduce import counted_mask
-from mentor.signals import Sampled, TopK
+from mentor.signals import HeadLogits, Sampled, TopK
 
 NEG_INF = float("-inf")
 TAILS = ("tail_bucket", "renormalize")
@@ -107,7 +107,9 @@ def standardize_rows(z: Tensor, eps: float) -> Tensor:
 
 
 def teacher_kind(teacher: Any) -> str:
-    """'dense', 'topk' or 'sampled' (raises for anything else)."""
+    """'dense', 'topk', 'sampled' or 'head' (raises for anything else)."""
+    if isinstance(teacher, HeadLogits):
+        return "head"
     if isinstance(teacher, TopK):
         return "topk"
     if isinstance(teacher, Sampled):
@@ -368,6 +370,7 @@ def _prepare(spec: RowSpec, student: Tensor, teacher: Any, labels, mask):
             f"loss {spec.name!r} needs labels: pass labels= (class ids, -100 = ignore)"
         )
     kind = teacher_kind(teacher) if teacher is not None else "dense"
+    kind = "dense" if kind == "head" else kind  # dense logits, computed chunk by chunk
     if teacher is not None and kind not in spec.teachers:
         what = {"topk": "a TopK", "sampled": "a Sampled", "dense": "a dense"}[kind]
         ok = ", ".join(sorted(spec.teachers))
@@ -412,6 +415,8 @@ def run_rows(
     if teacher is None:
         _no_teacher(spec)
         teacher = student.detach()  # placeholder for losses that ignore the teacher (ce)
+    if isinstance(teacher, HeadLogits):  # only the fused path computes it chunk by chunk
+        teacher = teacher.logits()
     kind, lead, v = _prepare(spec, student, teacher, labels, mask)
     temperature = teacher.temperature if isinstance(teacher, Sampled) else temperature
     n = lead.numel()
@@ -504,11 +509,17 @@ class _ChunkedRows(torch.autograd.Function):
 
 
 class _FusedLinearRows(torch.autograd.Function):
-    """Row loss on ``hidden @ weight.T + bias`` computed chunk by chunk (gradients in forward)."""
+    """Row loss on ``hidden @ weight.T + bias`` computed chunk by chunk (gradients in forward).
+
+    ``rows`` is the number of positions per leading block (``T`` for ``[B, T, H]``): chunks never
+    cross a block, so a dense teacher that is a shifted view (``logits[:, :-1]``) is read without
+    a copy. A ``head`` teacher (:class:`~mentor.signals.HeadLogits`) has its logits computed per
+    chunk too, so neither model's ``[N, V]`` logits exist.
+    """
 
     @staticmethod
-    def forward(ctx, spec, kind, temperature, chunk, w, lab, hidden, weight, bias, *txs):  # noqa: D102
-        need_h, need_w, need_b = ctx.needs_input_grad[6:9]
+    def forward(ctx, spec, kind, temperature, chunk, w, lab, rows, hidden, weight, bias, *txs):  # noqa: D102
+        need_h, need_w, need_b = ctx.needs_input_grad[7:10]
         acc = torch.promote_types(half_to_float_dtype(weight.dtype), torch.float32)
         gh = torch.zeros_like(hidden) if need_h else None
         gw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
@@ -520,34 +531,42 @@ class _FusedLinearRows(torch.autograd.Function):
         total = torch.zeros((), dtype=w.dtype, device=hidden.device)
         n = hidden.shape[0]
         txs = [None if x is None else x.detach() for x in txs]
-        for a in range(0, n, chunk):
-            sl = slice(a, a + chunk)
-            wc = w[sl]
-            if not bool((wc != 0).any()):
-                continue
-            hc = hidden[sl]
-            logits = F.linear(hc, weight, bias)
-            tc = [None if x is None else x[sl] for x in txs]
-            lc = None if lab is None else lab[sl]
-            if not (need_h or need_w or gb is not None):
-                total += rows_sum(spec, logits, kind, tc, lc, wc, temperature)
-                continue
-            if has_closed_form(spec, kind):
-                val, gl = closed_chunk(spec, kind, logits, tc, lc, wc, temperature)
-                gl = gl.to(logits.dtype)
-            else:
-                logits.requires_grad_(True)
-                with torch.enable_grad():
-                    val = rows_sum(spec, logits, kind, tc, lc, wc, temperature)
-                (gl,) = torch.autograd.grad(val, [logits])
-            del logits
-            if gh is not None:
-                gh[sl] = (gl @ weight).to(gh.dtype)
-            if gw is not None:
-                gw.addmm_(gl.t().to(acc), hc.to(acc))
-            if gb is not None:
-                gb += gl.sum(0).to(acc)
-            total += val.detach()
+        t3 = _row_blocks(txs[0]) if kind == "dense" else None
+        row_kind = "dense" if kind == "head" else kind
+        for lo0 in range(0, n, rows):
+            for a in range(lo0, lo0 + rows, chunk):
+                sl = slice(a, min(a + chunk, lo0 + rows))
+                wc = w[sl]
+                if not bool((wc != 0).any()):
+                    continue
+                hc = hidden[sl]
+                logits = F.linear(hc, weight, bias)
+                if kind == "head":
+                    tc = [F.linear(txs[0][sl], txs[1], txs[2])]
+                elif t3 is not None:
+                    tc = [t3[lo0 // rows, sl.start - lo0 : sl.stop - lo0]]
+                else:
+                    tc = [None if x is None else x[sl] for x in txs]
+                lc = None if lab is None else lab[sl]
+                if not (need_h or need_w or gb is not None):
+                    total += rows_sum(spec, logits, row_kind, tc, lc, wc, temperature)
+                    continue
+                if has_closed_form(spec, row_kind):
+                    val, gl = closed_chunk(spec, row_kind, logits, tc, lc, wc, temperature)
+                    gl = gl.to(logits.dtype)
+                else:
+                    logits.requires_grad_(True)
+                    with torch.enable_grad():
+                        val = rows_sum(spec, logits, row_kind, tc, lc, wc, temperature)
+                    (gl,) = torch.autograd.grad(val, [logits])
+                del logits
+                if gh is not None:
+                    gh[sl] = (gl @ weight).to(gh.dtype)
+                if gw is not None:
+                    gw.addmm_(gl.t().to(acc), hc.to(acc))
+                if gb is not None:
+                    gb += gl.sum(0).to(acc)
+                total += val.detach()
         ctx.grads = (gh, gw, gb)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return total
@@ -565,8 +584,8 @@ class _FusedLinearRows(torch.autograd.Function):
             gw = gw.mul_(g.to(gw.dtype)).to(wdt)
         if gb is not None:
             gb = gb.mul_(g.to(gb.dtype)).to(bdt)
-        n_t = len(ctx.needs_input_grad) - 9
-        return (None, None, None, None, None, None, gh, gw, gb, *([None] * n_t))
+        n_t = len(ctx.needs_input_grad) - 10
+        return (None, None, None, None, None, None, None, gh, gw, gb, *([None] * n_t))
 
 
 def run_fused(
@@ -602,8 +621,15 @@ def run_fused(
         torch.empty(0, dtype=torch.promote_types(hidden.dtype, weight.dtype)), kind, teacher
     )
     w = _weights(spec, lead, labels, mask, dt, hidden.device)
-    kind, txs = _flat_teacher(teacher, n, v)
+    if isinstance(teacher, HeadLogits):
+        kind, txs = "head", [teacher.hidden.reshape(n, -1), teacher.weight, teacher.bias]
+    elif teacher_kind(teacher) == "dense":
+        kind, txs = "dense", [teacher]  # read block by block (no copy of a shifted view)
+    else:
+        kind, txs = _flat_teacher(teacher, n, v)
     lab = None if labels is None else labels.reshape(n)
+    rows = lead[-1] if len(lead) else 1
     return _FusedLinearRows.apply(
-        spec, kind, temperature, chunk_size, w, lab, hidden.reshape(n, -1), weight, bias, *txs
-    )
+        spec, kind, temperature, chunk_size, w, lab, rows, hidden.reshape(n, -1), weight, bias,
+        *txs,
+    )  # fmt: skip

@@ -89,6 +89,48 @@ class OnlineTeacher(TeacherSource):
         feats = self._hooks.pop() if self._hooks else {}
         return TeacherOutput(logits=logits, features=feats)
 
+    @torch.no_grad()
+    def head_output(self, batch: dict[str, Any]) -> TeacherOutput:
+        """Like calling the teacher, but its logits stay as final hidden states + output head.
+
+        For a Hugging Face causal LM whose logits are ``lm_head(hidden)``: returns a
+        :class:`~mentor.signals.HeadLogits` that a fused loss turns into logits chunk by chunk.
+        """
+        from mentor.signals import HeadLogits
+
+        self.module.eval()
+        head = linear_head(self.module)
+        if head is None:
+            raise ValueError(
+                f"{type(self.module).__name__} has no plain linear output head (needs a Hugging "
+                "Face *ForCausalLM whose logits are lm_head(hidden), without soft-capping/scale)"
+            )
+        dev = next(self.module.parameters(), torch.empty(0)).device
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            out = self.module.base_model(
+                input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")
+            )
+        feats = self._hooks.pop() if self._hooks else {}
+        return TeacherOutput(
+            logits=HeadLogits(out.last_hidden_state, head.weight, head.bias), features=feats
+        )
+
+
+def linear_head(model: nn.Module) -> nn.Linear | None:
+    """The output head of a causal LM whose logits are exactly ``head(base_model(...))``.
+
+    None when there is no ``base_model``/linear head, or the config rescales the logits
+    (``final_logit_softcapping``, ``logit_scale``, ``logits_scaling``).
+    """
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    if not isinstance(head, nn.Linear) or not hasattr(model, "base_model"):
+        return None
+    cfg = getattr(model, "config", None)
+    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+        if getattr(cfg, attr, None) not in (None, 1, 1.0):
+            return None
+    return head
+
 
 def _stack(items: list[Any]) -> Any:
     first = items[0]
