@@ -430,8 +430,10 @@ def markdown(p: dict[str, Any], img: str | None) -> str:
         "side, otherwise the side is rejected. The cached side reads top-32 teacher "
         "log-probs (fp16) from a `mentor.cache` store and never loads the teacher; its loss "
         "is against that sparse signal, so it is not expected to equal TRL's. The fused side "
-        "is the Distiller with `train.fused_loss_chunk` (hidden states + output head → loss "
-        "chunk by chunk, no `[B, T, V]` student logits).",
+        "is the Distiller with `train.fused_loss_chunk` (student and teacher hidden states + "
+        "output heads → logits and loss chunk by chunk: neither model's `[B, T, V]` logits "
+        "exist). The plain mentor side computes the loss with closed-form gradients chunk by "
+        "chunk (no autograd graph over `[B, T, V]`).",
         "",
     ]
     for pair, info in p["pairs"].items():
