@@ -96,8 +96,9 @@ def summary() -> list[str]:
             base = by.get((loss, v, "torch"))
             if mode == "torch" or base is None or v != max(lm["config"]["vocabs"]):
                 continue
+            label = "mentor (default)" if mode == "plain" else f"mentor {mode}"
             out.append(
-                f"Loss memory, {loss}, V={v}: {mode} peak {r['peak_mib'] / base['peak_mib']:.2f}× "
+                f"Loss memory, {loss}, V={v}: {label} peak {r['peak_mib'] / base['peak_mib']:.2f}× "
                 f"of plain PyTorch, CPU time {r['cpu_s'] / base['cpu_s']:.2f}×."
             )
     cf = read_json("cache_fidelity")
@@ -143,7 +144,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="*", choices=list(BENCHMARKS), default=None)
     ap.add_argument("--skip", nargs="*", choices=list(BENCHMARKS), default=[])
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per benchmark")
+    ap.add_argument(
+        "--header-only",
+        action="store_true",
+        help="run nothing; rewrite the docs header from the JSON results (after re-running one "
+        "benchmark on its own)",
+    )
+    ap.add_argument("--note", default="", help="with --header-only: a sentence to add")
     a = ap.parse_args(argv)
+    if a.header_only:
+        old = C.DOC.read_text() if C.DOC.exists() else ""
+        prev = [x for x in old.splitlines() if x.startswith("Benchmarks of that run")]
+        prev += [a.note] if a.note else []
+        write_header(C.machine_info(), prev, summary())
+        print(f"rewrote the header of {C.DOC}")
+        return 0
     if a.quick:
         C.use_quick_outputs()  # inherited by the subprocesses through the environment
     names = [n for n in (a.only or list(BENCHMARKS)) if n not in a.skip]
