@@ -88,6 +88,33 @@ def update_section(name: str, markdown: str) -> Path:
     return DOC
 
 
+def save_figure(fig: Any, path: Path) -> Path:
+    """Lay out, save (110 dpi) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def publish(
+    name: str,
+    payload: dict[str, Any],
+    markdown: Callable[[dict[str, Any], str | None], str],
+    plot: Callable[[Path], Path | None] | None = None,
+) -> str:
+    """Write ``<name>.json``, the plot ``img/<name>.png`` and the docs section; print it."""
+    write_json(name, payload)
+    img_path = plot(DOC.parent / "img" / f"{name}.png") if plot else None
+    img = str(img_path.relative_to(DOC.parent)) if img_path else None
+    md = markdown(payload, img)
+    update_section(name, md)
+    print(md)
+    return md
+
+
 def machine_line(info: dict[str, Any]) -> str:
     """One markdown line describing the machine."""
     return (

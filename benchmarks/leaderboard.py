@@ -301,11 +301,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> Path | None:
         ax.set_ylim(max(0.0, lo - 5), min(100.0, max(means) * 100 + 2))
         ax.set_ylabel("held-out accuracy % (mean ± std over seeds)")
         ax.set_title(f"{res['recipe']} ({res['dataset']})")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return C.save_figure(fig, path)
 
 
 def markdown(p: dict[str, Any], img: str | None) -> str:
@@ -394,12 +390,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "results": results,
         "total_s": time.perf_counter() - t0,
     }
-    C.write_json("leaderboard", payload)
-    img_path = plot(results, C.DOC.parent / "img" / "leaderboard.png")
-    img = str(img_path.relative_to(C.DOC.parent)) if img_path else None
-    md = markdown(payload, img)
-    C.update_section("leaderboard", md)
-    print(md)
+    C.publish("leaderboard", payload, markdown, lambda path: plot(results, path))
     return payload
 
 

@@ -170,11 +170,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return C.save_figure(fig, path)
 
 
 def markdown(p: dict[str, Any], img: str | None) -> str:
@@ -321,12 +317,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         "fits": fit_exponents(rows),
         "total_s": time.perf_counter() - t_start,
     }
-    C.write_json("scaling", payload)
-    img_path = plot(rows, C.DOC.parent / "img" / "scaling.png")
-    img = str(img_path.relative_to(C.DOC.parent)) if img_path else None
-    md = markdown(payload, img)
-    C.update_section("scaling", md)
-    print(md)
+    C.publish("scaling", payload, markdown, lambda path: plot(rows, path))
     return payload
 
 

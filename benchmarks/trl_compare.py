@@ -398,11 +398,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
         ax.set_xticklabels([f"{p}\n{loss}" for p, loss in groups])
         ax.set_title(title)
     axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return C.save_figure(fig, path)
 
 
 def markdown(p: dict[str, Any], img: str | None) -> str:
@@ -546,12 +542,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         "targets": targets(rows),
         "total_s": time.perf_counter() - t_start,
     }
-    C.write_json("trl_compare", payload)
-    img_path = plot(rows, C.DOC.parent / "img" / "trl_compare.png")
-    img = str(img_path.relative_to(C.DOC.parent)) if img_path else None
-    md = markdown(payload, img)
-    C.update_section("trl_compare", md)
-    print(md)
+    C.publish("trl_compare", payload, markdown, lambda path: plot(rows, path))
     return payload
 
 
