@@ -123,10 +123,9 @@ def evaluate(model: torch.nn.Module, bundle: Any) -> dict[str, float]:
     from torch.nn import functional as F
     from torch.utils.data import default_collate
 
-    from mentor.eval.metrics import reliability
-    from mentor.run_metrics import outputs
+    from mentor.eval.metrics import predict, reliability
 
-    logits, y = outputs(model, bundle.val, bundle.collate or default_collate)
+    logits, y = predict(model, bundle.val, collate=bundle.collate or default_collate)
     return {
         "accuracy": float((logits.argmax(-1) == y).float().mean()),
         "ece": float(reliability(logits, y)["ece"]),
@@ -138,12 +137,11 @@ def run_recipe(name: str, quick: bool, seeds: list[int], work: Path) -> dict[str
     """Teacher once, then every row x seed; returns per-run metrics and the set-up."""
     from accelerate.utils import set_seed
 
-    from mentor.build import build_run_data
+    from mentor.assembly import Assembly
     from mentor.config import load_config
     from mentor.data.images import find_fashion_mnist
     from mentor.engine import Distiller
     from mentor.losses import Objective
-    from mentor.run import build_teacher_module
     from mentor.students import build_model, save_model
     from mentor.teachers import CachedTeacher
 
@@ -158,14 +156,13 @@ def run_recipe(name: str, quick: bool, seeds: list[int], work: Path) -> dict[str
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        bundle = build_run_data(base)
+        asm = Assembly(base)
+        bundle = asm.data
     collate = bundle.collate
     from torch.utils.data import default_collate
 
     collate = collate or default_collate
-    tcfg = base.model_copy(deep=True)
-    tcfg.output.dir = str(work / name / "teacher_run")
-    teacher = build_teacher_module(tcfg.teacher, tcfg, bundle)  # fit once (or from mentor's cache)
+    teacher = asm.module()  # fit once (or from mentor's cache)
     teacher_dir = work / name / "teacher"
     save_model(teacher, teacher_dir, base.teacher.builder or "", base.teacher.params, bundle.info)
     logits = teacher_logits(teacher, bundle.train, collate)

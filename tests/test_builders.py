@@ -208,7 +208,7 @@ def test_reconcile_trims_padded_logits(llama4):
 
 
 def test_run_refuses_a_student_with_another_tokenizer(monkeypatch, llama4):
-    from mentor import build
+    from mentor import assembly as build
     from mentor.config import load_config
     from mentor.data import DataBundle
     from mentor.models import assets

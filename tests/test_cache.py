@@ -229,7 +229,7 @@ def test_cli_cache_then_distill_from_it_and_refuse_another_teacher(tmp_path):
     m = json.loads((cache / "manifest.json").read_text())
     assert m["teacher"]["name"] == "mlp" and m["signals"]["topk"]["k"] == 4
     assert main(["plan", str(recipe), "--top-k", "4"]) == 0
-    from mentor.run import distill
+    from mentor.assembly import distill
 
     use = ["teacher.source=cache", f"teacher.cache={cache}", "output.overwrite=true"]
     res = distill(load_config(str(recipe), use), quiet=True)
@@ -294,7 +294,7 @@ def test_training_from_the_cache_matches_the_online_teacher(tmp_path, toy, tiny_
 
 def test_cached_teacher_with_a_student_built_from_the_teacher(tmp_path):
     """tiny-lm's `shrink` student needs the teacher module even when the signal is cached."""
-    from mentor.run import distill
+    from mentor.assembly import distill
 
     base = [f"output.dir={tmp_path}/run", "train.progress=false", "eval.every=null",
             "teacher.fit.epochs=1", "train.max_steps=3", "data.params.n=64"]  # fmt: skip

@@ -11,12 +11,12 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import Dataset
 
+from mentor.assembly import fit_on_labels
 from mentor.config import load_config
 from mentor.data import build_data
 from mentor.engine import Distiller
 from mentor.eval.metrics import evaluate_classifier
 from mentor.losses import Objective
-from mentor.run import fit_supervised
 from mentor.teachers import CachedTeacher, EMATeacher, EnsembleTeacher, OnlineTeacher
 
 
@@ -37,7 +37,7 @@ def toy():
     torch.manual_seed(0)
     teacher = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
     cfg = load_config({"teacher": {"fit": {"epochs": 5}}}).teacher.fit
-    fit_supervised(teacher, bundle.train, cfg, seed=0, label="test teacher")
+    fit_on_labels(teacher, bundle, cfg, seed=0, progress=False)
 
     def student(seed=1, dropout=0.0):
         torch.manual_seed(seed)

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mentor.assembly import distill
 from mentor.config import load_config
-from mentor.run import distill
 
 FAST = ["train.max_steps=20", "teacher.fit.epochs=3", "train.progress=false"]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 
@@ -48,6 +49,35 @@ def _fn(name):
 def test_rowwise_covers_every_chunkable_logit_loss():
     logit = {n for n in L.list_losses() if L.LOSSES.get(n).inputs == "logits"}
     assert logit - set(ROWWISE) == {"sinkhorn", "dist"}  # these couple rows of the batch
+
+
+@pytest.mark.parametrize("name", ROW_LOSSES)
+def test_rowwise_hyperparameters_are_declared_once(name):
+    """The builder's keyword-only defaults are the functional form's and the registry's."""
+    builder, check = ROWWISE[name]
+    fn, cls = _fn(name), L.LOSSES.get(name)
+    declared = {p.name: p.default for p in inspect.signature(builder).parameters.values()}
+    params = inspect.signature(fn).parameters
+    assert list(params)[:2] == ["student_logits", "teacher_logits"]
+    public = {k: p.default for k, p in params.items() if p.kind is p.KEYWORD_ONLY}
+    assert list(public) == ["labels", "mask", *declared, "chunk_size"]
+    assert public == {"labels": None, "mask": None, **declared, "chunk_size": None}
+    assert cls.defaults == {**declared, "chunk_size": None}
+    assert cls.fn is fn and cls.check is check and fn.__doc__ == builder.__doc__
+
+
+def test_rowwise_functional_form_enforces_its_signature():
+    s, t, labels, _ = _inputs()
+    with pytest.raises(TypeError, match="unexpected keyword argument 'temprature'"):
+        L.kd(s, t, temprature=2.0)
+    with pytest.raises(TypeError, match="missing 1 required positional argument"):
+        L.kd(s)
+    with pytest.raises(TypeError):
+        L.kd(s, t, labels)  # hyperparameters and labels are keyword-only
+    assert torch.equal(L.ce(s, labels=labels), L.ce(s, None, labels=labels))
+    # omitted hyperparameters take the builder's defaults (kd: temperature 4)
+    assert torch.equal(L.kd(s, t), L.kd(s, t, temperature=4.0, alpha=0.0))
+    assert not torch.equal(L.kd(s, t), L.kd(s, t, temperature=1.0))
 
 
 @pytest.mark.parametrize("name", ROW_LOSSES)

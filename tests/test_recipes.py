@@ -9,12 +9,12 @@ import re
 import pytest
 import torch
 
+from mentor.assembly import distill, load_run
 from mentor.config import load_config
 from mentor.data import DATASETS
 from mentor.losses import list_losses
 from mentor.models.assets import package_dir
 from mentor.recipes import RECIPES, list_recipes
-from mentor.run import distill, load_run
 from mentor.students import BUILDERS
 
 
@@ -148,8 +148,8 @@ def test_missing_asset_is_one_clean_cli_error(monkeypatch, capsys):
 
 def test_fitted_teacher_key_depends_on_the_resolved_data():
     """fashion_mnist falls back to digits: the same data config must not reuse the other's teacher."""
+    from mentor.assembly import teacher_fit_key
     from mentor.data import build_data
-    from mentor.run import teacher_fit_key
 
     cfg = load_config("vision")
     a = build_data("sklearn", {"name": "digits"}, 0.2, 0)

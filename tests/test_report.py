@@ -8,10 +8,9 @@ from html.parser import HTMLParser
 import matplotlib.image as mpimg
 import pytest
 
+from mentor.assembly import distill, evaluate_run
 from mentor.config import load_config
-from mentor.eval.run_eval import evaluate_run
 from mentor.report import build_report, compare_runs
-from mentor.run import distill
 
 TINY = ["train.max_steps=30", "teacher.fit.epochs=3", "eval.every=10", "train.progress=false"]
 

@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
+from mentor.assembly import distill
 from mentor.cli import main
 from mentor.config import load_config
-from mentor.run import distill
 
 
 def test_digits_distilled_student_beats_label_only_student(tmp_path):

@@ -39,24 +39,31 @@ def _cmd_recipes(_args: argparse.Namespace) -> int:
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
+    from mentor.assembly import distill
     from mentor.config import load_config
-    from mentor.run import distill
 
     cfg = load_config(args.recipe, args.overrides)
     result = distill(cfg, resume=args.resume)
-    m = result.metrics
-    if "student_accuracy" in m:
-        if "teacher_accuracy" in m:
-            console.print(f"teacher accuracy: {m['teacher_accuracy']:.4f}")
-        console.print(f"student accuracy: {m['student_accuracy']:.4f}")
-        if "agreement" in m:
-            console.print(f"agreement with teacher: {m['agreement']:.4f}")
+    labels = {
+        "teacher_accuracy": "teacher accuracy",
+        "student_accuracy": "student accuracy",
+        "agreement": "agreement with teacher",
+        "teacher_perplexity": "teacher perplexity",
+        "student_init_perplexity": "student perplexity before",
+        "student_perplexity": "student perplexity",
+        "token_agreement": "token agreement with teacher",
+        "cosine_to_teacher": "cosine to teacher",
+        "student_probe_accuracy": "student linear-probe accuracy",
+    }
+    for key, text in labels.items():
+        if isinstance(result.metrics.get(key), float):
+            console.print(f"{text}: {result.metrics[key]:.4f}")
     console.print(f"run directory: {result.run_dir}")
     return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from mentor.eval.run_eval import evaluate_run
+    from mentor.assembly import evaluate_run
     from mentor.report.build import summary_rows
 
     ev = evaluate_run(args.run_dir, baseline=args.baseline, data_overrides=args.data)
@@ -149,7 +156,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
         if not problems:
             console.print(f"{args.overrides[0]}: ok (manifest, row counts and sha256 checked)")
         return 1 if problems else 0
-    from mentor.cache.writer import cache_recipe
+    from mentor.assembly import cache_recipe
     from mentor.config import load_config
 
     if not args.out:
@@ -176,12 +183,13 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from mentor.cache.plan import plan, plan_rows
+    from mentor.assembly import plan_recipe
+    from mentor.cache.plan import plan_rows
     from mentor.config import load_config
 
     args = _cache_parser("plan").parse_intermixed_args(args.args)
     cfg = load_config(args.recipe, args.overrides)
-    p = plan(cfg, top_k=args.top_k, samples=args.samples, dtype=args.dtype)
+    p = plan_recipe(cfg, top_k=args.top_k, samples=args.samples, dtype=args.dtype)
     table = Table("quantity", "estimate", title=f"plan for {cfg.name} (before anything runs)")
     for k, v in plan_rows(p):
         table.add_row(k, v)
@@ -244,7 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mentor`` console script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # flags and overrides in any order: `distill digits --resume train.lr=1e-3`
+        over = [a for a in extra if "=" in a and not a.startswith("-")]
+        rest = [a for a in extra if a not in over]
+        if rest or not hasattr(args, "overrides"):
+            parser.error(f"unrecognized arguments: {' '.join(rest or extra)}")
+        args.overrides = [*args.overrides, *over]
     if not getattr(args, "fn", None):
         parser.print_help()
         return 0

@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from mentor.registry import did_you_mean
 
@@ -33,36 +41,76 @@ class FitConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0)
 
 
-class TeacherConfig(_Strict):
-    """Where the teacher signal comes from."""
+COMMON_TEACHER_KEYS = ("source", "builder", "params", "path", "fit", "precision")
 
-    source: Literal["online", "cache", "ensemble", "ema", "run"] = "online"
+
+class TeacherConfig(_Strict):
+    """Where the teacher signal comes from.
+
+    ``source`` names a registered teacher source (``mentor.teachers.SOURCES``). The keys
+    ``builder``/``params``/``path``/``fit``/``precision`` describe the teacher module; every
+    other key belongs to the chosen source (e.g. ``cache`` and ``cache_check`` for
+    ``source: cache``), is validated by it and read as ``teacher.options.<key>``.
+    """
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    source: str = "online"
     builder: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
     path: str | None = None
     fit: FitConfig | None = None
     precision: Literal["fp32", "bf16"] = "fp32"
-    cache: str | None = None
-    cache_check: Literal["strict", "warn", "off"] = "strict"
-    members: list[TeacherConfig] = Field(default_factory=list)
-    aggregate: Literal["mean_probs", "mean_logits", "normalized_scores"] = "mean_probs"
-    weights: list[float] | None = None
-    ema_decay: float = Field(0.999, gt=0, lt=1)
-    run: str | None = None
+    _options: Any = PrivateAttr(default=None)
 
     @model_validator(mode="after")
-    def _check_source(self) -> TeacherConfig:
-        if self.source == "cache" and not self.cache:
-            raise ValueError("teacher.source=cache needs teacher.cache=<cache directory>")
-        if self.source == "ensemble" and len(self.members) < 2:
-            raise ValueError("teacher.source=ensemble needs at least two teacher.members")
-        if self.weights is not None and len(self.weights) != len(self.members):
+    def _source_options(self) -> TeacherConfig:
+        import mentor.teachers  # noqa: F401  (registers every teacher source)
+        from mentor.teachers.base import SOURCES
+
+        if self.source not in SOURCES:
             raise ValueError(
-                f"teacher.weights has {len(self.weights)} entries for {len(self.members)} members"
+                f"source: unknown teacher source {self.source!r}."
+                f"{did_you_mean(self.source, SOURCES.names())} Valid: {', '.join(SOURCES.names())}"
             )
-        if self.source == "run" and not self.run:
-            raise ValueError("teacher.source=run needs teacher.run=<previous run directory>")
+        cls = SOURCES.get(self.source)
+        extra = dict(self.__pydantic_extra__ or {})
+        own = list(cls.Options.model_fields)
+        for key in extra:
+            if key in own:
+                continue
+            elsewhere = [n for n in SOURCES.names() if key in SOURCES.get(n).Options.model_fields]
+            where = f" (it belongs to source: {' or '.join(elsewhere)})" if elsewhere else ""
+            raise ValueError(
+                f"unknown key 'teacher.{key}' for source: {self.source}{where}."
+                f"{did_you_mean(key, [*COMMON_TEACHER_KEYS, *own])} Valid keys: "
+                f"{', '.join([*COMMON_TEACHER_KEYS, *own])}"
+            )
+        try:
+            opts = cls.validate_options(extra, TeacherConfig)
+        except ValidationError as e:
+            raise ValueError(_explain_options(e, self.source)) from None
+        self._options = opts
+        dumped = opts.model_dump(mode="json")
+        self.__pydantic_extra__ = {k: dumped[k] for k in own}
         return self
+
+    @property
+    def options(self) -> Any:
+        """The validated keys of the chosen source (e.g. ``options.cache``)."""
+        return self._options
+
+
+def _explain_options(err: ValidationError, source: str) -> str:
+    parts = []
+    for e in err.errors():
+        where = "teacher." + ".".join(str(p) for p in e["loc"])
+        if e["type"] == "missing":
+            parts.append(f"teacher.source={source} needs {where}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            parts.append(f"{where}: invalid value {e.get('input')!r}: {msg}")
+    return "; ".join(parts)
 
 
 class StudentConfig(_Strict):

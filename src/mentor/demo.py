@@ -11,10 +11,9 @@ from typing import Any
 from rich.table import Table
 
 from mentor._console import console
+from mentor.assembly import distill, evaluate_run
 from mentor.config import load_config
-from mentor.eval.run_eval import evaluate_run
 from mentor.report.build import build_report, summary_rows
-from mentor.run import distill
 
 SMOKE = ["train.max_steps=4", "eval.every=2", "train.log_every=2"]
 # extra overrides per recipe in --smoke mode (tiny data, short sequences), for the test suite

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -234,8 +234,3 @@ def verify_cache(path: str | Path, *, checksums: bool = True) -> list[str]:
 def shard_name(split: str, i: int) -> str:
     """Relative path of shard ``i`` of ``split``."""
     return f"{SHARD_DIR}/{split}-{i:05d}.parquet"
-
-
-def dedupe(names: Iterable[str]) -> list[str]:
-    """Names in first-seen order without repeats."""
-    return list(dict.fromkeys(names))

@@ -19,9 +19,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-from torch.utils.data import default_collate
-
 from mentor.cache.format import BYTES
 
 
@@ -38,63 +35,25 @@ def bytes_per_position(
     return n
 
 
-def _teacher_params(cfg: Any, info: Any) -> tuple[int | None, Any]:
-    from mentor.cache.format import read_manifest
-    from mentor.students import build_model, load_model
-    from mentor.students.builders import count_parameters
-
-    tc = cfg.teacher
-    if tc.source == "cache":
-        t = read_manifest(tc.cache).get("teacher") or {}
-        return t.get("parameters"), None
-    if tc.source == "ensemble":
-        total = 0
-        for m in tc.members:
-            mod = load_model(m.path)[0] if m.path else build_model(m.builder, m.params, info)
-            total += count_parameters(mod)
-        return total, None
-    if tc.source == "run":
-        mod = load_model(f"{tc.run}/student")[0]
-        return count_parameters(mod), mod
-    if tc.path:
-        mod = load_model(tc.path)[0]
-        return count_parameters(mod), mod
-    if tc.builder:
-        mod = build_model(tc.builder, tc.params, info)  # architecture only: no fitting
-        return count_parameters(mod), mod
-    return None, None
-
-
-def plan(cfg: Any, *, top_k: int = 32, samples: int = 0, dtype: str = "fp16") -> dict[str, Any]:
-    """Parameter counts, FLOPs per token, cache size and peak logit memory for ``cfg``."""
-    from mentor.data import build_data
-    from mentor.models import model_outputs
-    from mentor.students import build_model
-    from mentor.students.builders import count_parameters
-
-    bundle = build_data(
-        cfg.data.source, cfg.data.params, cfg.data.val_fraction, cfg.data.split_seed
-    )
-    n_t, t_mod = _teacher_params(cfg, bundle.info)
-    student = build_model(cfg.student.builder, cfg.student.params, bundle.info, t_mod)
-    if cfg.teacher.source == "ema":
-        n_t = count_parameters(student)
-    n_s = count_parameters(student)
-    ex = bundle.train[0]
-    per_token = "input_ids" in ex
-    t_len = int(ex["input_ids"].shape[-1]) if per_token else 1
-    with torch.no_grad():
-        v = int(model_outputs(student.eval(), default_collate([ex])).shape[-1])
-    n_train = len(bundle.train)
-    positions = n_train * t_len
-    b = cfg.train.batch_size
-    rows = b * (t_len - 1) if per_token else b
-    chunks = [
-        int(spec["chunk_size"])
-        for spec in cfg.objective.values()
-        if isinstance(spec, dict) and spec.get("chunk_size")
-    ]
-    c = min(min(chunks) if chunks else 1024, rows)
+def estimate(
+    *,
+    recipe: str,
+    teacher_parameters: int | None,
+    student_parameters: int,
+    positions_per_example: int,
+    train_examples: int,
+    classes: int,
+    batch_size: int,
+    chunk_size: int | None = None,
+    top_k: int = 32,
+    samples: int = 0,
+    dtype: str = "fp16",
+) -> dict[str, Any]:
+    """Parameter counts, FLOPs per token, cache size and peak logit memory (formulas above)."""
+    n_t, n_s, t_len, v = teacher_parameters, student_parameters, positions_per_example, classes
+    per_token = t_len > 1
+    rows = batch_size * (t_len - 1) if per_token else batch_size
+    c = min(chunk_size or 1024, rows)
     f4 = 4
     plain = 3 * rows * v * f4
     chunked = (2 * rows + 3 * c) * v * f4
@@ -104,21 +63,21 @@ def plan(cfg: Any, *, top_k: int = 32, samples: int = 0, dtype: str = "fp16") ->
     bpp = bytes_per_position(top_k, samples, dtype)
     online = (2 * n_t + 6 * n_s) if n_t is not None else None
     return {
-        "recipe": cfg.name,
+        "recipe": recipe,
         "teacher_parameters": n_t,
         "student_parameters": n_s,
         "flops_per_token_online": online,
         "flops_per_token_cached": 6 * n_s,
         "cached_speedup": online / (6 * n_s) if online else None,
         "positions_per_example": t_len,
-        "train_examples": n_train,
-        "train_positions": positions,
+        "train_examples": train_examples,
+        "train_positions": train_examples * t_len,
         "classes": v,
         "top_k": top_k,
         "samples": samples,
         "dtype": dtype,
         "cache_bytes_per_token": bpp,
-        "cache_total_bytes": bpp * positions,
+        "cache_total_bytes": bpp * train_examples * t_len,
         "loss_rows_per_micro_batch": rows,
         "chunk_size": c,
         "logit_memory_bytes": {

@@ -12,7 +12,6 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -52,29 +51,6 @@ def describe(
             },
         },
     }
-
-
-def recipe_tokenizer(bundle: Any) -> Any:
-    """The tokenizer a data bundle declares (``info.tokenizer`` or ``info.extra['tokenizer']``)."""
-    info = getattr(bundle, "info", None)
-    extra = getattr(info, "extra", {}) or {}
-    return getattr(info, "tokenizer", None) or extra.get("tokenizer") or extra.get("tokenizer_path")
-
-
-def recipe_provenance(
-    cfg: Any, bundle: Any, teacher: nn.Module | None, splits: Mapping[str, Dataset]
-) -> dict[str, Any]:
-    """Provenance of a recipe's teacher (``teacher.builder``/``path``), tokenizer and data."""
-    tc = cfg.teacher
-    return describe(
-        teacher,
-        splits,
-        tc.precision,
-        name=tc.path or tc.builder,
-        tokenizer=recipe_tokenizer(bundle),
-        teacher_spec={"builder": tc.builder, "params": tc.params, "path": tc.path},
-        data_spec=cfg.data.model_dump(mode="json"),
-    )
 
 
 def _short(h: Any) -> str:
@@ -138,19 +114,3 @@ def check_provenance(
         raise CacheError(msg)
     warnings.warn(msg, stacklevel=3)
     return diffs
-
-
-def expected_for_training(cfg: Any, bundle: Any) -> dict[str, Any]:
-    """What a cache must match to train ``cfg``: its teacher (if named), tokenizer and data."""
-    from mentor.run import build_teacher_module
-
-    tc = cfg.teacher
-    teacher = None
-    if tc.builder or tc.path:
-        with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream untouched
-            torch.manual_seed(cfg.train.seed)  # as `mentor cache` builds it
-            teacher = build_teacher_module(tc, cfg, bundle)
-    splits = {"train": bundle.train}
-    if cfg.eval.every:
-        splits["val"] = bundle.val
-    return recipe_provenance(cfg, bundle, teacher, splits)

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from mentor.cache.format import CacheError, decode_floats, read_manifest
+from mentor.cache.provenance import CHECK_MODES, check_provenance
 from mentor.signals import Sampled, TopK
 
 KINDS = ("topk", "sampled")
@@ -254,23 +255,16 @@ def open_store(
     *,
     kind: str | None = None,
     check: str = "strict",
-    cfg: Any = None,
-    bundle: Any = None,
     expected: dict[str, Any] | None = None,
 ) -> CacheStore:
-    """Open a teacher cache; with ``cfg`` + ``bundle`` (or ``expected``) check its provenance.
+    """Open a teacher cache; with ``expected`` (a :func:`describe` record) check its provenance.
 
     ``check``: ``strict`` refuses a cache made with another teacher, tokenizer or data (the
     error names the field), ``warn`` only warns, ``off`` skips the check.
     """
-    from mentor.cache.provenance import CHECK_MODES, check_provenance, expected_for_training
-
     if check not in CHECK_MODES:
         raise ValueError(f"teacher.cache_check={check!r}: choose one of {', '.join(CHECK_MODES)}")
     store = CacheStore(path, kind=kind)
-    if check != "off":
-        if expected is None and cfg is not None and bundle is not None:
-            expected = expected_for_training(cfg, bundle)
-        if expected is not None:
-            check_provenance(store.manifest, expected, check, str(path))
+    if check != "off" and expected is not None:
+        check_provenance(store.manifest, expected, check, str(path))
     return store

@@ -38,6 +38,10 @@ from mentor.cache.format import (
     shard_name,
     write_json_atomic,
 )
+from mentor.cache.provenance import describe
+from mentor.models import model_outputs
+from mentor.models.taps import FeatureTaps
+from mentor.progress import Progress
 from mentor.signals import Sampled, TopK
 
 OUTPUT = "output"  # pseudo feature name: the teacher's output itself (embedding teachers)
@@ -301,8 +305,35 @@ def _compare(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -
     return diffs
 
 
+TeacherFn = Callable[[dict[str, Any]], tuple[Any, dict[str, Tensor]]]
+
+
+def module_teacher(module: nn.Module, features: list[str], precision: str = "fp32") -> TeacherFn:
+    """A teacher function for a plain module: frozen, eval mode, no grad, optional bf16.
+
+    ``features`` are module paths whose outputs are pooled and stored (``output``: the
+    module's own output, e.g. sentence embeddings).
+    """
+    module.eval()
+    taps = [f for f in features if f != OUTPUT]
+    hooks = FeatureTaps(module, taps, role="teacher") if taps else None
+
+    @torch.no_grad()
+    def run(batch: dict[str, Any]) -> tuple[Any, dict[str, Tensor]]:
+        dev = next(module.parameters(), torch.empty(0)).device
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            logits = model_outputs(module, batch)
+        feats = hooks.pop() if hooks else {}
+        if OUTPUT in features:
+            feats[OUTPUT] = logits
+        return logits, feats
+
+    run.close = hooks.remove if hooks else (lambda: None)  # type: ignore[attr-defined]
+    return run
+
+
 def write_cache(
-    teacher: nn.Module,
+    teacher: nn.Module | TeacherFn,
     splits: Mapping[str, Dataset],
     out: str | Path,
     settings: CacheSettings | None = None,
@@ -317,19 +348,19 @@ def write_cache(
 ) -> dict[str, Any]:
     """Run ``teacher`` over every split once and write the cache; returns the manifest.
 
-    ``splits`` maps a split name (``train``, ``val``) to a dataset whose items carry ``index``
+    ``teacher``: a module (run frozen, see :func:`module_teacher`) or a teacher function
+    ``batch -> (logits, {feature name: tensor})`` (then pass ``provenance``). ``splits`` maps a split name (``train``, ``val``) to a dataset whose items carry ``index``
     (a stable example id). ``provenance`` (see :func:`mentor.cache.provenance.describe`) is
     recorded in the manifest; by default the teacher weights and data are hashed here. A
     re-run with the same arguments resumes an interrupted cache; other settings are refused.
     """
-    from mentor.cache.provenance import describe
-    from mentor.engine.progress import Progress
-    from mentor.teachers import OnlineTeacher
 
     s = (settings or CacheSettings()).check()
     root = Path(out)
     if not splits or any(len(d) == 0 for d in splits.values()):
         raise ValueError("write_cache needs at least one non-empty split")
+    if provenance is None and not isinstance(teacher, nn.Module):
+        raise ValueError("write_cache with a teacher function needs provenance= (see describe)")
     prov = dict(provenance) if provenance is not None else describe(teacher, splits, precision)
     first = splits[next(iter(splits))][0]
     if task is None:
@@ -378,15 +409,10 @@ def write_cache(
         stray.unlink()  # a shard that was being written when the last run stopped
 
     dev = torch.device(device) if device else torch.device("cpu")
-    taps = [f for f in s.features if f != OUTPUT]
-    online = OnlineTeacher(teacher, precision=precision, taps=taps).to(dev)
-
-    def run(batch: dict[str, Any]) -> tuple[Any, dict[str, Tensor]]:
-        out_ = online(batch)
-        feats = dict(out_.features)
-        if OUTPUT in s.features:
-            feats[OUTPUT] = out_.logits
-        return out_.logits, feats
+    if isinstance(teacher, nn.Module):
+        run = module_teacher(teacher.to(dev), list(s.features), precision)
+    else:
+        run = teacher
 
     plan = []
     for split, data in splits.items():
@@ -417,15 +443,14 @@ def write_cache(
             records[rel] = _write_shard(root, rel, *args)
     finally:
         bar.close()
-        if online._hooks is not None:
-            online._hooks.remove()
+        getattr(run, "close", lambda: None)()
     manifest = _manifest(state, [records[p[4]] for p in plan])
     write_json_atomic(root / MANIFEST, manifest)
     return manifest
 
 
 def _manifest(state: Mapping[str, Any], shards: list[dict[str, Any]]) -> dict[str, Any]:
-    import mentor
+    from mentor._version import __version__
 
     s = state["settings"]
     rows = sum(r["rows"] for r in shards)
@@ -438,7 +463,7 @@ def _manifest(state: Mapping[str, Any], shards: list[dict[str, Any]]) -> dict[st
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "mentor_version": mentor.__version__,
+        "mentor_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "task": state["task"],
         "per_token": state["per_token"],
@@ -483,57 +508,3 @@ def _manifest(state: Mapping[str, Any], shards: list[dict[str, Any]]) -> dict[st
             for r in shards
         ],
     }
-
-
-def cache_recipe(
-    cfg: Any,
-    out: str | Path,
-    settings: CacheSettings | None = None,
-    *,
-    splits: tuple[str, ...] = ("train",),
-    overwrite: bool = False,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Build a recipe's data and teacher the way ``mentor distill`` does and cache it."""
-    from accelerate.utils import set_seed
-
-    from mentor.cache.provenance import recipe_provenance
-    from mentor.data import build_data
-    from mentor.run import build_teacher_module
-
-    tc = cfg.teacher
-    if tc.source not in ("online", "cache") or not (tc.builder or tc.path):
-        raise ValueError(
-            f"mentor cache runs the recipe's own teacher (teacher.builder or teacher.path); "
-            f"teacher.source={tc.source!r} with builder={tc.builder!r}, path={tc.path!r} has "
-            "none to run"
-        )
-    bad = [s for s in splits if s not in ("train", "val")]
-    if bad or not splits:
-        raise ValueError(f"--splits {','.join(splits)}: choose from train, val")
-    set_seed(cfg.train.seed)
-    bundle = build_data(
-        cfg.data.source, cfg.data.params, cfg.data.val_fraction, cfg.data.split_seed
-    )
-    torch.manual_seed(cfg.train.seed)  # a teacher built without fitting depends on the seed
-    teacher = build_teacher_module(tc, cfg, bundle)
-    data = {s: bundle.train if s == "train" else bundle.val for s in splits}
-    prov = recipe_provenance(cfg, bundle, teacher, data)
-    settings = settings or CacheSettings()
-    if bundle.info.task == "embedding" and OUTPUT not in settings.features:
-        settings.top_k, settings.samples = 0, 0
-        settings.features = [*settings.features, OUTPUT]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return write_cache(
-        teacher,
-        data,
-        out,
-        settings,
-        provenance=prov,
-        task=bundle.info.task,
-        precision=tc.precision,
-        device=device,
-        collate=getattr(bundle, "collate", None) or default_collate,
-        progress=progress,
-        overwrite=overwrite,
-    )

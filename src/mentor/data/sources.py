@@ -132,13 +132,6 @@ def random_classification(
     return _bundle_from_arrays(x.astype(np.float32), y, val_fraction, seed, info)
 
 
-def accepts(fn: Callable[..., Any], name: str) -> bool:
-    """True when ``fn`` takes a keyword argument ``name``."""
-    import inspect
-
-    return name in inspect.signature(fn).parameters
-
-
 def build_data(
     source: str,
     params: dict[str, Any],
@@ -150,7 +143,7 @@ def build_data(
     """Build the dataset named ``source`` (errors name ``data.source`` / ``data.params``).
 
     Text sources tokenise with ``params["tokenizer"]`` or, when absent, the ``tokenizer``
-    given here (``mentor.run`` passes the teacher's model).
+    given here (``mentor.assembly`` passes the teacher's model).
     """
     import inspect
 

@@ -17,7 +17,7 @@ import json
 import math
 import signal
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -28,15 +28,17 @@ from accelerate.utils import set_seed
 from torch import Tensor, nn
 from torch.utils.data import Dataset, default_collate
 
-from mentor.config import RunConfig, dump_config
+from mentor.config import RunConfig, TrainConfig, dump_config
 from mentor.engine import checkpoint as ckpt
-from mentor.engine.progress import Progress
 from mentor.engine.schedules import apply_schedules, check_schedules, lr_lambda
-from mentor.eval.metrics import accuracy, agreement
 from mentor.losses import Objective
 from mentor.losses.objective import FusedHead
 from mentor.models import model_outputs
-from mentor.teachers import FeatureTaps, OnlineTeacher, TeacherOutput, TeacherSource
+from mentor.models.taps import FeatureTaps
+from mentor.progress import Progress
+from mentor.registry import did_you_mean
+from mentor.tasks import Task, get_task
+from mentor.teachers import OnlineTeacher, TeacherOutput, TeacherSource
 from mentor.teachers.sources import linear_head
 
 # Feature/batch terms may name this pseudo tap to compare the models' outputs themselves
@@ -49,32 +51,39 @@ class DistillModule(nn.Module):
     trainable module, so DDP synchronises all trainable parameters together."""
 
     def __init__(
-        self, student: nn.Module, objective: Objective, task: str, fused_chunk: int | None = None
+        self,
+        student: nn.Module,
+        objective: Objective,
+        task: str | Task,
+        fused_chunk: int | None = None,
     ) -> None:
         """Attach taps named by the objective's feature terms (validated now)."""
         super().__init__()
         self.student = student
         self.objective = objective
-        self.task = task
+        self.task = get_task(task) if isinstance(task, str) else task
         self.fused_chunk = fused_chunk
         if fused_chunk is not None:
-            _check_fusable(student, task)
+            _check_fusable(student, self.task)
         paths = [s for s, _ in objective.taps.values() if s != OUTPUT_TAP]
         self._taps = FeatureTaps(student, paths, role="student") if paths else None
 
     def forward(self, batch: dict[str, Any], teacher: TeacherOutput) -> dict[str, Tensor]:
         """Student forward, then every objective term against the teacher's signal."""
+        return self.terms(batch, teacher, self.student_outputs(batch))
+
+    def student_outputs(self, batch: dict[str, Any]) -> Any:
+        """The student's logits (or, with a fused head, its hidden states + head)."""
         if self.fused_chunk is not None:
-            logits = _fused_head(self.student, batch, self.fused_chunk)
-        else:
-            logits = model_outputs(self.student, batch)
+            return _fused_head(self.student, batch, self.fused_chunk)
+        return model_outputs(self.student, batch)
+
+    def terms(
+        self, batch: dict[str, Any], teacher: TeacherOutput, logits: Any
+    ) -> dict[str, Tensor]:
+        """The objective's named terms for student outputs ``logits`` (task view applied)."""
         feats = self._taps.pop() if self._taps else {}
-        t_logits, labels, mask = teacher.logits, batch.get("labels"), None
-        if self.task == "causal_lm":
-            logits, t_logits = logits[:, :-1], _shift(t_logits)
-            labels = batch["input_ids"][:, 1:]
-            mask = batch.get("attention_mask")
-            mask = mask[:, 1:].bool() if mask is not None else None
+        logits, t_logits, labels, mask = self.task.loss_view(logits, teacher.logits, batch)
         t_feats = teacher.features
         if self.objective.taps:
             feats = {**feats, OUTPUT_TAP: logits}
@@ -90,8 +99,8 @@ class DistillModule(nn.Module):
         )
 
 
-def _check_fusable(student: nn.Module, task: str) -> None:
-    if task != "causal_lm" or linear_head(student) is None:
+def _check_fusable(student: nn.Module, task: Task) -> None:
+    if not task.per_token or linear_head(student) is None:
         raise ValueError(
             "train.fused_loss_chunk needs a causal LM student with a linear output head "
             "(a Hugging Face *ForCausalLM); set train.fused_loss_chunk=null for this model"
@@ -107,57 +116,62 @@ def _fused_head(student: nn.Module, batch: dict[str, Any], chunk: int) -> FusedH
     return FusedHead(out.last_hidden_state, head.weight, head.bias, chunk)
 
 
-def _shift(signal_: Any) -> Any:
-    """Drop the last position of a dense or sparse per-token teacher signal."""
-    if signal_ is None:
-        return None
-    if getattr(signal_, "aligned", False):  # cached signals may already be shifted
-        return signal_
-    return signal_[:, :-1]
-
-
-def count_positions(batch: dict[str, Any], task: str) -> int:
-    """Positions a micro-batch contributes to the loss mean (tokens for LMs, rows otherwise)."""
-    if task == "causal_lm":
-        m = batch.get("attention_mask")
-        ids = batch["input_ids"]
-        return int(m[:, 1:].sum()) if m is not None else ids.shape[0] * (ids.shape[1] - 1)
-    labels = batch.get("labels")
-    if labels is not None:
-        return int((labels != -100).sum())
-    return len(batch["index"]) if "index" in batch else len(next(iter(batch.values())))
+def count_positions(batch: dict[str, Any], task: str | Task) -> int:
+    """Positions a micro-batch contributes to the loss mean (see :class:`mentor.tasks.Task`)."""
+    return (get_task(task) if isinstance(task, str) else task).count_positions(batch)
 
 
 class Distiller:
     """Train ``student`` to imitate ``teacher`` under ``objective``.
 
-    ``Distiller(student, teacher, objective, train_data, config).fit()`` returns the run
-    directory, which holds ``config.yaml``, ``metrics.jsonl``, ``checkpoints/`` and the final
-    ``student/``.
+    ``Distiller(student, teacher, objective, train_data, max_steps=200, lr=1e-3,
+    output_dir="runs/x").fit()`` returns the run directory, which holds ``config.yaml``,
+    ``metrics.jsonl``, ``checkpoints/`` and the final ``student/``.
+
+    ``teacher``: a frozen ``nn.Module`` (run online), any :class:`TeacherSource` (cached,
+    ensemble, EMA, ...) or None for a label-only student. ``objective``: an :class:`Objective`,
+    a mapping of terms (``{"kd": {"weight": 0.9, "temperature": 4}, "ce": {"weight": 0.1}}``)
+    or one loss name. ``config``: a full :class:`RunConfig` (optional); keyword settings
+    (``max_steps``, ``epochs``, ``lr``, ``batch_size``, any other ``train.*`` key,
+    ``output_dir``, ``eval_every``) are applied on top of it. ``task``: ``classification``,
+    ``causal_lm`` or ``embedding``; by default guessed from the data (``input_ids`` without
+    ``labels``: a causal LM).
     """
 
     def __init__(
         self,
         student: nn.Module,
-        teacher: TeacherSource | None,
-        objective: Objective,
+        teacher: TeacherSource | nn.Module | None,
+        objective: Objective | Mapping[str, Any] | str,
         train_data: Dataset,
-        config: RunConfig,
+        config: RunConfig | None = None,
         *,
         val_data: Dataset | None = None,
-        task: str = "classification",
+        task: str | Task | None = None,
         save_student: Callable[[nn.Module, Path], None] | None = None,
         collate_fn: Callable[[list[Any]], dict[str, Any]] = default_collate,
         callbacks: Sequence[Any] = (),
+        write_run: bool = True,
+        output_dir: str | Path | None = None,
+        eval_every: int | None = None,
+        **train: Any,
     ) -> None:
         """Check the set-up (taps, schedules, data size) before anything runs."""
+        if isinstance(teacher, nn.Module):
+            teacher = OnlineTeacher(teacher)
+        if not isinstance(objective, Objective):
+            objective = Objective({objective: {}} if isinstance(objective, str) else objective)
+        config = _with_settings(config, objective, train, output_dir, eval_every)
         self.cfg = config
         self.teacher = teacher
         self.train_data, self.val_data = train_data, val_data
+        if not isinstance(task, Task):
+            task = get_task(task or _guess_task(train_data))
         self.task = task
         self.save_student = save_student or _save_state_dict
         self.collate = collate_fn
         self.callbacks = list(callbacks)
+        self.write_run = write_run
         self.out = Path(config.output.dir)
         teacher_terms = [n for n, t in objective.terms.items() if t.name != "ce"]
         if teacher is None and teacher_terms:
@@ -166,7 +180,7 @@ class Distiller:
                 "was given: pass a teacher, or use only a 'ce' term"
             )
         check_schedules(config.train.schedules, objective)
-        self.model = DistillModule(student, objective, task, config.train.fused_loss_chunk)
+        self.model = DistillModule(student, objective, self.task, config.train.fused_loss_chunk)
         # with a fused student head, an online causal-LM teacher's logits are fused too: its
         # hidden states and head go to the loss, which computes them chunk by chunk
         self._teacher_head = (
@@ -220,13 +234,20 @@ class Distiller:
             )
         return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
 
-    def _prepare_dir(self, resume: bool) -> None:
-        exists = (self.out / "metrics.jsonl").exists() or (self.out / "checkpoints").exists()
-        if exists and not resume and not self.cfg.output.overwrite:
+    @staticmethod
+    def check_output(cfg: RunConfig, resume: bool) -> None:
+        """Refuse to start a new run in a directory that holds one (unless overwriting)."""
+        out = Path(cfg.output.dir)
+        exists = (out / "metrics.jsonl").exists() or (out / "checkpoints").exists()
+        if exists and not resume and not cfg.output.overwrite:
             raise FileExistsError(
-                f"run directory {self.out} already holds a run: continue it with --resume, "
+                f"run directory {out} already holds a run: continue it with --resume, "
                 f"or set output.overwrite=true, or choose another output.dir"
             )
+
+    def _prepare_dir(self, resume: bool) -> None:
+        self.check_output(self.cfg, resume)
+        exists = (self.out / "metrics.jsonl").exists() or (self.out / "checkpoints").exists()
         if exists and not resume:
             ckpt.clear_run(self.out)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -244,7 +265,7 @@ class Distiller:
             project_dir=str(self.out),
         )
         rank, world, main = acc.process_index, acc.num_processes, acc.is_main_process
-        if main:
+        if main and self.write_run:
             self._prepare_dir(resume)
         acc.wait_for_everyone()
         set_seed(t.seed + rank)
@@ -276,8 +297,11 @@ class Distiller:
         apply_schedules(t.schedules, objective, state["step"])
 
         stop_signal: list[int] = []
-        old_handlers = _install_signal_handlers(stop_signal)
-        bar = Progress(total, enabled=main and t.progress, initial=state["step"])
+        old_handlers = _install_signal_handlers(stop_signal) if self.write_run else {}
+        label = "distil" if self.write_run else "fit"
+        bar = Progress(
+            total, enabled=main and t.progress, initial=state["step"], label=label, unit="steps"
+        )
         batches = self._batches(state["epoch"], state["pos"], rank, world)
         log_acc: dict[str, float] = {}
         log_n, t0 = 0, time.perf_counter()
@@ -293,7 +317,7 @@ class Distiller:
                         continue
                     state["pos"] += 1
                     window.append(_to_device(batch, acc.device))
-                counts = [count_positions(b, self.task) for b in window]
+                counts = [self.task.count_positions(b) for b in window]
                 n_global = acc.reduce(torch.tensor(float(sum(counts)), device=acc.device), "sum")
                 n_global = max(float(n_global), 1.0)
 
@@ -351,7 +375,7 @@ class Distiller:
                     if hasattr(cb, "on_step_end"):
                         stop = bool(cb.on_step_end(self, step, values)) or stop
                 ck_every = t.checkpoint_every
-                if (ck_every and step % ck_every == 0) or stop_signal or stop:
+                if self.write_run and ((ck_every and step % ck_every == 0) or stop_signal or stop):
                     ckpt.save(self.out, acc, self.model, optimizer, scheduler, self.teacher, state)
                 if stop_signal:
                     acc.print(
@@ -365,8 +389,9 @@ class Distiller:
             bar.close()
             _restore_signal_handlers(old_handlers)
 
-        ckpt.save(self.out, acc, self.model, optimizer, scheduler, self.teacher, state)
-        if main:
+        if self.write_run:
+            ckpt.save(self.out, acc, self.model, optimizer, scheduler, self.teacher, state)
+        if main and self.write_run:
             self.save_student(self.model.student, self.out / "student")
         acc.wait_for_everyone()
         if self.cfg.output.trackers:
@@ -376,7 +401,7 @@ class Distiller:
     # ------------------------------------------------------------------ helpers
     def _log(self, acc: Accelerator, record: dict[str, Any]) -> None:
         self.history.append(record)
-        if acc.is_main_process:
+        if acc.is_main_process and self.write_run:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
         if self.cfg.output.trackers:
@@ -414,39 +439,36 @@ class Distiller:
 
     @torch.no_grad()
     def evaluate(self, data: Dataset) -> dict[str, float]:
-        """Objective terms, task metric and teacher agreement on ``data``."""
+        """Objective terms and the task's held-out metrics (accuracy or perplexity, agreement
+        with a dense teacher signal) of the student on ``data``."""
         model, student = self.model, self.model.student
         was_training = student.training
         student.eval()
         dev = next(student.parameters()).device
         sums: dict[str, float] = {}
         n_total = 0
-        s_all, t_all, y_all = [], [], []
-        bs = self.cfg.eval.batch_size
-        for lo in range(0, len(data), bs):
-            batch = _to_device(
-                self.collate([data[i] for i in range(lo, min(len(data), lo + bs))]), dev
-            )
+        acc = self.task.accumulator()
+        for lo in range(0, len(data), self.cfg.eval.batch_size):
+            hi = min(len(data), lo + self.cfg.eval.batch_size)
+            batch = _to_device(self.collate([data[i] for i in range(lo, hi)]), dev)
             t_out = self.teacher(batch) if self.teacher else TeacherOutput()
-            terms = model(batch, t_out)
-            n = count_positions(batch, self.task)
+            outputs = model.student_outputs(batch)
+            terms = model.terms(batch, t_out, outputs)
+            n = self.task.count_positions(batch)
             n_total += n
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * n
-            if self.task == "classification":
-                s_all.append(model_outputs(student, batch).float().cpu())
-                y_all.append(batch["labels"].cpu())
-                if isinstance(t_out.logits, Tensor):
-                    t_all.append(t_out.logits.float().cpu())
+            if isinstance(outputs, Tensor):
+                seen = {"student": outputs}
+                if isinstance(t_out.logits, Tensor) and t_out.logits.shape == outputs.shape:
+                    seen["teacher"] = t_out.logits
+                acc.add(batch, seen)
         student.train(was_training)
         out = {k: v / max(n_total, 1) for k, v in sums.items()}
-        if self.task == "causal_lm" and "ce" in out:
-            out["perplexity"] = math.exp(min(out["ce"], 50.0))
-        if s_all:
-            s, y = torch.cat(s_all), torch.cat(y_all)
-            out["accuracy"] = accuracy(s, y)
-            if t_all:
-                out["agreement"] = agreement(s, torch.cat(t_all))
+        res = acc.result().get("student", {})
+        for key in ("accuracy", "perplexity", "agreement", "cosine_to_teacher"):
+            if key in res:
+                out[key] = res[key]
         return out
 
 
@@ -468,6 +490,56 @@ def _check_trackers(trackers: Sequence[str]) -> None:
                 f"output.trackers includes {name!r} but its package is not installed: "
                 f"pip install {mods[0]}  (or remove it from output.trackers)"
             )
+
+
+def _guess_task(data: Dataset) -> str:
+    """``causal_lm`` for token data without labels, else ``classification``."""
+    first = data[0]
+    return "causal_lm" if "input_ids" in first and "labels" not in first else "classification"
+
+
+def _with_settings(
+    config: RunConfig | None,
+    objective: Objective,
+    train: Mapping[str, Any],
+    output_dir: str | Path | None,
+    eval_every: int | None,
+) -> RunConfig:
+    """``config`` (or the defaults) with keyword settings applied, validated like a recipe."""
+    from mentor.config import validate
+
+    data = (config or RunConfig()).model_dump(mode="json")
+    if config is None:  # config.yaml records the objective that trains
+        data["objective"] = _objective_record(objective)
+    unknown = [k for k in train if k not in TrainConfig.model_fields]
+    if unknown:
+        raise TypeError(
+            f"Distiller got an unexpected setting {unknown[0]!r}."
+            f"{did_you_mean(unknown[0], list(TrainConfig.model_fields))} Keyword settings are "
+            "train.* keys, output_dir and eval_every"
+        )
+    data["train"].update(train)
+    if "max_steps" in train and "epochs" not in train:
+        data["train"]["epochs"] = None
+    if output_dir is not None:
+        data["output"]["dir"] = str(output_dir)
+    if eval_every is not None:
+        data["eval"]["every"] = eval_every
+    return validate(data)
+
+
+def _objective_record(objective: Objective) -> dict[str, dict[str, Any]]:
+    """Each term's loss, weight and non-default hyperparameters (plain values only)."""
+    out = {}
+    for name, term in objective.terms.items():
+        rec: dict[str, Any] = {"loss": term.name, "weight": float(objective.weights[name])}
+        for k, v in term.hp.items():
+            if v != term.defaults.get(k) and isinstance(v, (bool, int, float, str)):
+                rec[k] = v
+        if name in objective.taps:
+            rec["student"], rec["teacher"] = objective.taps[name]
+        out[name] = rec
+    return out
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

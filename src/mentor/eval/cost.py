@@ -90,6 +90,27 @@ def time_batches(
     }
 
 
+@torch.no_grad()
+def items_per_second(
+    model: nn.Module,
+    data: Dataset,
+    collate: Callable[[list[Any]], dict[str, Any]] = default_collate,
+    batch_size: int = 32,
+    repeats: int = 3,
+) -> float:
+    """Examples per second at ``batch_size`` (median of ``repeats`` after one warm-up)."""
+    model.eval()
+    batch = collate([data[i] for i in range(min(batch_size, len(data)))])
+    n = len(batch["index"])
+    model_outputs(model, batch)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model_outputs(model, batch)
+        times.append(time.perf_counter() - t0)
+    return n / statistics.median(times)
+
+
 def measure_cost(
     model: nn.Module,
     data: Dataset,

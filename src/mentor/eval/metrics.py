@@ -99,6 +99,18 @@ def confusion(logits: Tensor, labels: Tensor, num_classes: int) -> list[list[int
     return m.tolist()
 
 
+def linear_probe(train_x: Any, train_y: Tensor, val_x: Any, val_y: Tensor) -> float:
+    """Accuracy of a logistic-regression probe fit on frozen features (dense or sparse)."""
+    from sklearn.linear_model import LogisticRegression
+
+    def arr(x: Any) -> Any:
+        return x.numpy() if isinstance(x, Tensor) else x
+
+    clf = LogisticRegression(max_iter=2000)
+    clf.fit(arr(train_x), train_y.numpy())
+    return float((clf.predict(arr(val_x)) == val_y.numpy()).mean())
+
+
 @torch.no_grad()
 def predict(
     model: nn.Module,

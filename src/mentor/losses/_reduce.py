@@ -27,9 +27,3 @@ def counted_mask(
     if need_labels and labels is not None:
         m = m & (labels != -100)
     return m
-
-
-def masked_mean(rows: Tensor, m: Tensor) -> Tensor:
-    """Mean of per-row values over counted rows; exactly 0 (with zero grads) when none count."""
-    n = m.sum().clamp_min(1)
-    return torch.where(m, rows, torch.zeros((), dtype=rows.dtype, device=rows.device)).sum() / n

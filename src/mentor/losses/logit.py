@@ -1,14 +1,19 @@
 """Logit distillation losses (formulas: /work/shared/METHODS-losses.md, docs/losses.md).
 
-Every row-wise loss here is a pure function ``fn(student_logits, teacher, *, labels, mask,
-**hp)`` built from a :class:`~mentor.losses._rows.RowSpec`, so it can also be evaluated chunk by
-chunk (``chunk_size=``) or fused with the output head (:func:`mentor.losses.fused_linear_loss`).
-``teacher`` is dense logits, a :class:`~mentor.signals.TopK` or a :class:`~mentor.signals.Sampled`
-where the loss supports it (see each docstring).
+Every row-wise loss is declared once, as a :class:`~mentor.losses._rows.RowSpec` builder whose
+keyword-only parameters are its hyperparameters (with their defaults) and whose docstring cites
+the paper. :func:`logit_loss` registers the builder and generates from it the pure functional
+form ``fn(student_logits, teacher, *, labels=None, mask=None, **hp, chunk_size=None)``, which can
+also be evaluated chunk by chunk (``chunk_size=``) or fused with the output head
+(:func:`mentor.losses.fused_linear_loss`). ``teacher`` is dense logits, a
+:class:`~mentor.signals.TopK` or a :class:`~mentor.signals.Sampled` where the loss supports it
+(see each docstring). ``sinkhorn`` and ``dist`` couple the rows of a batch and are plain
+functions.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -34,8 +39,11 @@ from mentor.losses._rows import (
 )
 from mentor.signals import Sampled
 
+Builder = Callable[..., RowSpec]
+Check = Callable[..., None]
+
 # name -> (builder(**hp) -> RowSpec, check(**hp)); used by the functional forms and the fused path.
-ROWWISE: dict[str, tuple[Callable[..., RowSpec], Callable[..., None]]] = {}
+ROWWISE: dict[str, tuple[Builder, Check]] = {}
 
 ALL_TEACHERS = frozenset({"dense", "topk", "sampled"})
 DENSE = frozenset({"dense"})
@@ -44,36 +52,92 @@ DENSE_TOPK = frozenset({"dense", "topk"})
 _common = {"temperature": C.positive, "tail": C.choice(*TAILS), "chunk_size": C.chunk}
 _std = {"standardize": C.boolean, "standardize_eps": C.positive}
 
+_KW = inspect.Parameter.KEYWORD_ONLY
+_NO_TEACHER: Any = object()  # teacher_logits not passed (allowed for teacher_optional losses)
 
-def _rowwise(name: str, check: Callable[..., None]) -> Callable:
-    def deco(builder: Callable[..., RowSpec]) -> Callable[..., RowSpec]:
+
+def _functional_signature(hp: list[inspect.Parameter], teacher_optional: bool) -> inspect.Signature:
+    """``(student_logits, teacher_logits, *, labels=None, mask=None, **hp, chunk_size=None)``."""
+    pos = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    teacher_default = None if teacher_optional else inspect.Parameter.empty
+    return inspect.Signature(
+        [
+            inspect.Parameter("student_logits", pos, annotation="Tensor"),
+            inspect.Parameter("teacher_logits", pos, annotation="Any", default=teacher_default),
+            inspect.Parameter("labels", _KW, annotation="Tensor | None", default=None),
+            inspect.Parameter("mask", _KW, annotation="Tensor | None", default=None),
+            *hp,
+            inspect.Parameter("chunk_size", _KW, annotation="int | None", default=None),
+        ],
+        return_annotation="Tensor",
+    )
+
+
+def logit_loss(
+    name: str, *, check: Check, teacher_optional: bool = False
+) -> Callable[[Builder], Callable[..., Tensor]]:
+    """Register the row-wise logit loss ``name`` declared by a RowSpec builder.
+
+    The builder is the loss's only declaration: its keyword-only parameters are the
+    hyperparameters with their defaults, its docstring the loss's documentation (first line =
+    registry description, then formula, defaults, paper title and year). The decorator stores
+    ``(builder, check)`` in :data:`ROWWISE` (for the fused path) and returns the functional form
+    ``name(student_logits, teacher_logits, *, labels=None, mask=None, **hp, chunk_size=None)``,
+    registered with :func:`~mentor.losses.register_loss`. Its ``inspect.signature`` is the
+    builder's hyperparameters inside that frame, so the registry derives the same defaults.
+    ``check(**hp)`` validates hyperparameter values (``chunk_size`` included);
+    ``teacher_optional`` lets callers omit the teacher (for losses that ignore it).
+    """
+
+    def deco(builder: Builder) -> Callable[..., Tensor]:
+        hp_params = list(inspect.signature(builder).parameters.values())
+        bad = [p.name for p in hp_params if p.kind is not _KW or p.default is p.empty]
+        if bad:
+            raise TypeError(
+                f"builder of loss {name!r}: hyperparameters {bad} must be keyword-only with a "
+                f"default"
+            )
+        defaults = {p.name: p.default for p in hp_params}
+
+        def loss_fn(
+            student_logits: Tensor,
+            teacher_logits: Any = _NO_TEACHER,
+            *,
+            labels: Tensor | None = None,
+            mask: Tensor | None = None,
+            chunk_size: int | None = None,
+            **hp: Any,
+        ) -> Tensor:
+            if teacher_logits is _NO_TEACHER:
+                if not teacher_optional:
+                    raise TypeError(
+                        f"{name}() missing 1 required positional argument: 'teacher_logits'"
+                    )
+                teacher_logits = None
+            unknown = sorted(hp.keys() - defaults.keys())
+            if unknown:
+                raise TypeError(f"{name}() got an unexpected keyword argument {unknown[0]!r}")
+            hp = {**defaults, **hp}
+            check(chunk_size=chunk_size, **hp)
+            return run_rows(
+                builder(**hp),
+                student_logits,
+                teacher_logits,
+                labels,
+                mask,
+                chunk_size=chunk_size,
+                temperature=hp.get("temperature", 1.0),
+            )
+
+        loss_fn.__name__ = loss_fn.__qualname__ = name
+        loss_fn.__module__ = builder.__module__
+        loss_fn.__doc__ = builder.__doc__
+        sig = _functional_signature(hp_params, teacher_optional)
+        loss_fn.__signature__ = sig  # type: ignore[attr-defined]
         ROWWISE[name] = (builder, check)
-        return builder
+        return register_loss(name, check=check)(loss_fn)
 
     return deco
-
-
-def _apply(
-    name: str,
-    student: Tensor,
-    teacher: Any,
-    labels: Tensor | None,
-    mask: Tensor | None,
-    chunk_size: int | None,
-    **hp: Any,
-) -> Tensor:
-    builder, check = ROWWISE[name]
-    check(chunk_size=chunk_size, **hp)
-    spec = builder(**hp)
-    return run_rows(
-        spec,
-        student,
-        teacher,
-        labels,
-        mask,
-        chunk_size=chunk_size,
-        temperature=hp.get("temperature", 1.0),
-    )
 
 
 def _sampled_fkl_rows(s: Tensor, t: Sampled, temperature: float) -> Tensor:
@@ -226,14 +290,19 @@ def _ce_rows(s: Tensor, labels: Tensor) -> Tensor:
     return -F.log_softmax(s, dim=-1).gather(-1, y).squeeze(-1)
 
 
+def _no_renorm(name: str, tail: str, why: str = "an infinite reverse KL") -> None:
+    if tail == "renormalize":
+        raise ValueError(
+            f"loss {name!r} with tail='renormalize' gives {why} (the teacher has no mass outside "
+            f"its top-k); use tail='tail_bucket'"
+        )
+
+
 # ----------------------------------------------------------------------------------- kd
 
 
-_CHK_KD = C.checker(alpha=C.unit, **_common, **_std)
-
-
-@_rowwise("kd", _CHK_KD)
-def _build_kd(
+@logit_loss("kd", check=C.checker(alpha=C.unit, **_common, **_std))
+def kd(
     *,
     temperature: float = 4.0,
     alpha: float = 0.0,
@@ -241,6 +310,15 @@ def _build_kd(
     standardize_eps: float = 1e-7,
     tail: str = "tail_bucket",
 ) -> RowSpec:
+    """Hinton KD: (1-alpha)·tau²·KL(p_T^tau ‖ p_S^tau) + alpha·CE, mean over counted positions.
+
+    Paper: Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network" (2015).
+    ``L = (1−α)·τ²·(1/n) Σ_r KL(p_T^τ‖p_S^τ) + α·CE(z_S, y)`` (CE at τ = 1, never
+    standardized). Defaults τ = 4, α = 0 (pure soft term, no labels). With α > 0 rows whose
+    label is −100 are dropped from both terms. ``standardize=True``: logit standardization
+    (Sun et al., CVPR 2024) before ÷τ. Teacher: dense, TopK (``tail``) or Sampled (unbiased
+    soft-term estimator; drawn at the same temperature).
+    """
     tau2 = temperature**2
 
     def rows(s: Tensor, t: Any, labels: Tensor | None) -> Tensor:
@@ -264,57 +342,25 @@ def _build_kd(
     )
 
 
-@register_loss("kd", check=_CHK_KD)
-def kd(
-    student_logits: Tensor,
-    teacher_logits: Any,
-    *,
-    labels: Tensor | None = None,
-    mask: Tensor | None = None,
-    temperature: float = 4.0,
-    alpha: float = 0.0,
-    standardize: bool = False,
-    standardize_eps: float = 1e-7,
-    tail: str = "tail_bucket",
-    chunk_size: int | None = None,
-) -> Tensor:
-    """Hinton KD: (1-alpha)·tau²·KL(p_T^tau ‖ p_S^tau) + alpha·CE, mean over counted positions.
-
-    Paper: Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network" (2015).
-    ``L = (1−α)·τ²·(1/n) Σ_r KL(p_T^τ‖p_S^τ) + α·CE(z_S, y)`` (CE at τ = 1, never
-    standardized). Defaults τ = 4, α = 0 (pure soft term, no labels). With α > 0 rows whose
-    label is −100 are dropped from both terms. ``standardize=True``: logit standardization
-    (Sun et al., CVPR 2024) before ÷τ. Teacher: dense, TopK (``tail``) or Sampled (unbiased
-    soft-term estimator; drawn at the same temperature).
-    """
-    return _apply(
-        "kd",
-        student_logits,
-        teacher_logits,
-        labels,
-        mask,
-        chunk_size,
-        temperature=temperature,
-        alpha=alpha,
-        standardize=standardize,
-        standardize_eps=standardize_eps,
-        tail=tail,
-    )
-
-
 # --------------------------------------------------------------------- forward / reverse KL
 
-_CHK_FKL = C.checker(**_common, **_std)
 
-
-@_rowwise("forward_kl", _CHK_FKL)
-def _build_fkl(
+@logit_loss("forward_kl", check=C.checker(**_common, **_std))
+def forward_kl(
     *,
     temperature: float = 1.0,
     standardize: bool = False,
     standardize_eps: float = 1e-7,
     tail: str = "tail_bucket",
 ) -> RowSpec:
+    """Forward KL(p_T^tau ‖ p_S^tau) (mean-seeking), mean over counted positions; no tau².
+
+    ``L = (1/n) Σ_r Σ_c p_T^τ (log p_T^τ − log p_S^τ)``; default τ = 1. As GKD/TRL's
+    ``generalized_jsd_loss`` with beta = 0 (Agarwal et al., "On-Policy Distillation of Language
+    Models", ICLR 2024). Teacher: dense, TopK (``tail``) or Sampled (unbiased estimator).
+    ``standardize`` as in Sun et al., "Logit Standardization in Knowledge Distillation" (2024).
+    """
+
     def rows(s: Tensor, t: Any, labels: Tensor | None) -> Tensor:
         return _fkl_rows(s, t, temperature, standardize, standardize_eps, tail, "forward_kl")
 
@@ -327,53 +373,14 @@ def _build_fkl(
     )
 
 
-@register_loss("forward_kl", check=_CHK_FKL)
-def forward_kl(
-    student_logits: Tensor,
-    teacher_logits: Any,
-    *,
-    labels: Tensor | None = None,
-    mask: Tensor | None = None,
-    temperature: float = 1.0,
-    standardize: bool = False,
-    standardize_eps: float = 1e-7,
-    tail: str = "tail_bucket",
-    chunk_size: int | None = None,
-) -> Tensor:
-    """Forward KL(p_T^tau ‖ p_S^tau) (mean-seeking), mean over counted positions; no tau².
+@logit_loss("reverse_kl", check=C.checker(**_common))
+def reverse_kl(*, temperature: float = 1.0, tail: str = "tail_bucket") -> RowSpec:
+    """Reverse KL(p_S^tau ‖ p_T^tau) (mode-seeking), mean over counted positions; no tau².
 
-    ``L = (1/n) Σ_r Σ_c p_T^τ (log p_T^τ − log p_S^τ)``; default τ = 1. As GKD/TRL's
-    ``generalized_jsd_loss`` with beta = 0 (Agarwal et al., "On-Policy Distillation of Language
-    Models", ICLR 2024). Teacher: dense, TopK (``tail``) or Sampled (unbiased estimator).
-    ``standardize`` as in Sun et al., "Logit Standardization in Knowledge Distillation" (2024).
+    ``L = (1/n) Σ_r Σ_c p_S^τ (log p_S^τ − log p_T^τ)``; default τ = 1. As in MiniLLM (Gu et
+    al., "MiniLLM: Knowledge Distillation of Large Language Models", ICLR 2024) and GKD beta = 1.
+    Teacher: dense or TopK (``tail="tail_bucket"`` only).
     """
-    return _apply(
-        "forward_kl",
-        student_logits,
-        teacher_logits,
-        labels,
-        mask,
-        chunk_size,
-        temperature=temperature,
-        standardize=standardize,
-        standardize_eps=standardize_eps,
-        tail=tail,
-    )
-
-
-_CHK_RKL = C.checker(**_common)
-
-
-def _no_renorm(name: str, tail: str, why: str = "an infinite reverse KL") -> None:
-    if tail == "renormalize":
-        raise ValueError(
-            f"loss {name!r} with tail='renormalize' gives {why} (the teacher has no mass outside "
-            f"its top-k); use tail='tail_bucket'"
-        )
-
-
-@_rowwise("reverse_kl", _CHK_RKL)
-def _build_rkl(*, temperature: float = 1.0, tail: str = "tail_bucket") -> RowSpec:
     _no_renorm("reverse_kl", tail)
 
     def rows(s: Tensor, t: Any, labels: Tensor | None) -> Tensor:
@@ -389,44 +396,18 @@ def _build_rkl(*, temperature: float = 1.0, tail: str = "tail_bucket") -> RowSpe
     )
 
 
-@register_loss("reverse_kl", check=_CHK_RKL)
-def reverse_kl(
-    student_logits: Tensor,
-    teacher_logits: Any,
-    *,
-    labels: Tensor | None = None,
-    mask: Tensor | None = None,
-    temperature: float = 1.0,
-    tail: str = "tail_bucket",
-    chunk_size: int | None = None,
-) -> Tensor:
-    """Reverse KL(p_S^tau ‖ p_T^tau) (mode-seeking), mean over counted positions; no tau².
-
-    ``L = (1/n) Σ_r Σ_c p_S^τ (log p_S^τ − log p_T^τ)``; default τ = 1. As in MiniLLM (Gu et
-    al., "MiniLLM: Knowledge Distillation of Large Language Models", ICLR 2024) and GKD beta = 1.
-    Teacher: dense or TopK (``tail="tail_bucket"`` only).
-    """
-    return _apply(
-        "reverse_kl",
-        student_logits,
-        teacher_logits,
-        labels,
-        mask,
-        chunk_size,
-        temperature=temperature,
-        tail=tail,
-    )
-
-
 # ------------------------------------------------------------------------------------ jsd
 
-_CHK_JSD = C.checker(beta=C.unit, **_common)
 
+@logit_loss("jsd", check=C.checker(beta=C.unit, **_common))
+def jsd(*, beta: float = 0.5, temperature: float = 1.0, tail: str = "tail_bucket") -> RowSpec:
+    """Generalized Jensen–Shannon divergence of GKD (beta=0 forward KL, beta=1 reverse KL).
 
-@_rowwise("jsd", _CHK_JSD)
-def _build_jsd(
-    *, beta: float = 0.5, temperature: float = 1.0, tail: str = "tail_bucket"
-) -> RowSpec:
+    Paper: Agarwal et al., "On-Policy Distillation of Language Models: Learning from
+    Self-Generated Mistakes" (GKD), ICLR 2024. ``M = β p_T^τ + (1−β) p_S^τ``,
+    ``ℓ_r = β KL(p_T^τ‖M) + (1−β) KL(p_S^τ‖M)``, mean over counted positions; no τ².
+    Defaults β = 0.5, τ = 1. Teacher: dense or TopK.
+    """
     if beta == 1:
         _no_renorm("jsd", tail, "an infinite KL at beta=1")
 
@@ -450,38 +431,18 @@ def _build_jsd(
     )
 
 
-@register_loss("jsd", check=_CHK_JSD)
-def jsd(
-    student_logits: Tensor,
-    teacher_logits: Any,
-    *,
-    labels: Tensor | None = None,
-    mask: Tensor | None = None,
-    beta: float = 0.5,
-    temperature: float = 1.0,
-    tail: str = "tail_bucket",
-    chunk_size: int | None = None,
-) -> Tensor:
-    """Generalized Jensen–Shannon divergence of GKD (beta=0 forward KL, beta=1 reverse KL).
-
-    Paper: Agarwal et al., "On-Policy Distillation of Language Models: Learning from
-    Self-Generated Mistakes" (GKD), ICLR 2024. ``M = β p_T^τ + (1−β) p_S^τ``,
-    ``ℓ_r = β KL(p_T^τ‖M) + (1−β) KL(p_S^τ‖M)``, mean over counted positions; no τ².
-    Defaults β = 0.5, τ = 1. Teacher: dense or TopK.
-    """
-    return _apply(
-        "jsd", student_logits, teacher_logits, labels, mask, chunk_size,
-        beta=beta, temperature=temperature, tail=tail,
-    )  # fmt: skip
-
-
 # ------------------------------------------------------------------------------------ tvd
 
-_CHK_TVD = C.checker(**_common)
 
+@logit_loss("tvd", check=C.checker(**_common))
+def tvd(*, temperature: float = 1.0, tail: str = "tail_bucket") -> RowSpec:
+    """Total variation distance ½ Σ_c |p_T^tau − p_S^tau| (in [0, 1]), mean over counted rows.
 
-@_rowwise("tvd", _CHK_TVD)
-def _build_tvd(*, temperature: float = 1.0, tail: str = "tail_bucket") -> RowSpec:
+    As in DistiLLM's ``tv_distance`` (Ko et al., "DistiLLM: Towards Streamlined Distillation for
+    Large Language Models", ICML 2024) and TAID's ``tvd``. Default τ = 1; no τ². Teacher: dense
+    or TopK.
+    """
+
     def rows(s: Tensor, t: Any, labels: Tensor | None) -> Tensor:
         lp_s, lp_t = pair_logprobs(s, t, temperature, tail, name="tvd")
         return 0.5 * (lp_t.exp() - lp_s.exp()).abs().sum(-1)
@@ -489,38 +450,18 @@ def _build_tvd(*, temperature: float = 1.0, tail: str = "tail_bucket") -> RowSpe
     return RowSpec("tvd", rows, teachers=DENSE_TOPK, topk_cells=True)
 
 
-@register_loss("tvd", check=_CHK_TVD)
-def tvd(
-    student_logits: Tensor,
-    teacher_logits: Any,
-    *,
-    labels: Tensor | None = None,
-    mask: Tensor | None = None,
-    temperature: float = 1.0,
-    tail: str = "tail_bucket",
-    chunk_size: int | None = None,
-) -> Tensor:
-    """Total variation distance ½ Σ_c |p_T^tau − p_S^tau| (in [0, 1]), mean over counted rows.
-
-    As in DistiLLM's ``tv_distance`` (Ko et al., "DistiLLM: Towards Streamlined Distillation for
-    Large Language Models", ICML 2024) and TAID's ``tvd``. Default τ = 1; no τ². Teacher: dense
-    or TopK.
-    """
-    return _apply(
-        "tvd", student_logits, teacher_logits, labels, mask, chunk_size,
-        temperature=temperature, tail=tail,
-    )  # fmt: skip
-
-
 # ------------------------------------------------------------------------------- skew KL
 
-_CHK_SKEW = C.checker(alpha=C.unit, **_common)
 
+@logit_loss("skew_kl", check=C.checker(alpha=C.unit, **_common))
+def skew_kl(*, alpha: float = 0.1, temperature: float = 1.0, tail: str = "tail_bucket") -> RowSpec:
+    """Skew forward KL(p_T ‖ alpha·p_T + (1−alpha)·p_S) of DistiLLM, mean over counted rows.
 
-@_rowwise("skew_kl", _CHK_SKEW)
-def _build_skew_kl(
-    *, alpha: float = 0.1, temperature: float = 1.0, tail: str = "tail_bucket"
-) -> RowSpec:
+    Paper: Ko et al., "DistiLLM: Towards Streamlined Distillation for Large Language Models",
+    ICML 2024. All distributions at τ; α = 0.1, τ = 1; no τ². α = 0 gives forward KL, α = 1
+    gives 0. True KL (DistiLLM's code returns the cross-entropy form). Teacher: dense or TopK.
+    """
+
     def rows(s: Tensor, t: Any, labels: Tensor | None) -> Tensor:
         lp_s, lp_t = pair_logprobs(s, t, temperature, tail, name="skew_kl")
         return kl_rows(lp_t, log_mix(lp_t, lp_s, alpha, 1 - alpha))
@@ -528,34 +469,17 @@ def _build_skew_kl(
     return RowSpec("skew_kl", rows, teachers=DENSE_TOPK, topk_cells=True)
 
 
-@register_loss("skew_kl", check=_CHK_SKEW)
-def skew_kl(
-    student_logits: Tensor,
-    teacher_logits: Any,
-    *,
-    labels: Tensor | None = None,
-    mask: Tensor | None = None,
-    alpha: float = 0.1,
-    temperature: float = 1.0,
-    tail: str = "tail_bucket",
-    chunk_size: int | None = None,
-) -> Tensor:
-    """Skew forward KL(p_T ‖ alpha·p_T + (1−alpha)·p_S) of DistiLLM, mean over counted rows.
-
-    Paper: Ko et al., "DistiLLM: Towards Streamlined Distillation for Large Language Models",
-    ICML 2024. All distributions at τ; α = 0.1, τ = 1; no τ². α = 0 gives forward KL, α = 1
-    gives 0. True KL (DistiLLM's code returns the cross-entropy form). Teacher: dense or TopK.
-    """
-    return _apply(
-        "skew_kl", student_logits, teacher_logits, labels, mask, chunk_size,
-        alpha=alpha, temperature=temperature, tail=tail,
-    )  # fmt: skip
-
-
-@_rowwise("skew_reverse_kl", _CHK_SKEW)
-def _build_skew_rkl(
+@logit_loss("skew_reverse_kl", check=C.checker(alpha=C.unit, **_common))
+def skew_reverse_kl(
     *, alpha: float = 0.1, temperature: float = 1.0, tail: str = "tail_bucket"
 ) -> RowSpec:
+    """Skew reverse KL(p_S ‖ alpha·p_S + (1−alpha)·p_T) of DistiLLM, mean over counted rows.
+
+    Paper: Ko et al., "DistiLLM: Towards Streamlined Distillation for Large Language Models",
+    ICML 2024. All distributions at τ; α = 0.1, τ = 1; no τ². α = 0 gives reverse KL, α = 1
+    gives 0. Teacher: dense or TopK.
+    """
+
     def rows(s: Tensor, t: Any, labels: Tensor | None) -> Tensor:
         lp_s, lp_t = pair_logprobs(s, t, temperature, tail, name="skew_reverse_kl")
         return kl_rows(lp_s, log_mix(lp_s, lp_t, alpha, 1 - alpha))
@@ -563,39 +487,20 @@ def _build_skew_rkl(
     return RowSpec("skew_reverse_kl", rows, teachers=DENSE_TOPK, topk_cells=True)
 
 
-@register_loss("skew_reverse_kl", check=_CHK_SKEW)
-def skew_reverse_kl(
-    student_logits: Tensor,
-    teacher_logits: Any,
-    *,
-    labels: Tensor | None = None,
-    mask: Tensor | None = None,
-    alpha: float = 0.1,
-    temperature: float = 1.0,
-    tail: str = "tail_bucket",
-    chunk_size: int | None = None,
-) -> Tensor:
-    """Skew reverse KL(p_S ‖ alpha·p_S + (1−alpha)·p_T) of DistiLLM, mean over counted rows.
-
-    Paper: Ko et al., "DistiLLM: Towards Streamlined Distillation for Large Language Models",
-    ICML 2024. All distributions at τ; α = 0.1, τ = 1; no τ². α = 0 gives reverse KL, α = 1
-    gives 0. Teacher: dense or TopK.
-    """
-    return _apply(
-        "skew_reverse_kl", student_logits, teacher_logits, labels, mask, chunk_size,
-        alpha=alpha, temperature=temperature, tail=tail,
-    )  # fmt: skip
-
-
 # ------------------------------------------------------------------------------------ dkd
 
-_CHK_DKD = C.checker(
-    alpha=C.non_negative, beta=C.non_negative, temperature=C.positive, chunk_size=C.chunk, **_std
+
+@logit_loss(
+    "dkd",
+    check=C.checker(
+        alpha=C.non_negative,
+        beta=C.non_negative,
+        temperature=C.positive,
+        chunk_size=C.chunk,
+        **_std,
+    ),
 )
-
-
-@_rowwise("dkd", _CHK_DKD)
-def _build_dkd(
+def dkd(
     *,
     alpha: float = 1.0,
     beta: float = 8.0,
@@ -603,6 +508,14 @@ def _build_dkd(
     standardize: bool = False,
     standardize_eps: float = 1e-7,
 ) -> RowSpec:
+    """Decoupled KD: tau²·(alpha·TCKD + beta·NCKD), target/non-target split (labels required).
+
+    Paper: Zhao et al., "Decoupled Knowledge Distillation", CVPR 2022. ``b^τ = (p_y, 1 − p_y)``,
+    ``p̂^τ = softmax_{c≠y}(z_c/τ)``; ``TCKD = KL(b_T‖b_S)``, ``NCKD = KL(p̂_T‖p̂_S)``;
+    ``L = τ² (1/n) Σ_r (α TCKD + β NCKD)``. Defaults α = 1, β = 8, τ = 4. Identity:
+    ``KL(p_T‖p_S) = TCKD + (1 − p_T,y) NCKD``. Dense teacher only (needs the target's and every
+    non-target class's teacher probability).
+    """
     tau2 = temperature**2
 
     def rows(s: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
@@ -629,44 +542,20 @@ def _build_dkd(
     return RowSpec("dkd", rows, label_flags=(True,), teachers=DENSE, needs_labels=True)
 
 
-@register_loss("dkd", check=_CHK_DKD)
-def dkd(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    *,
-    labels: Tensor | None = None,
-    mask: Tensor | None = None,
-    alpha: float = 1.0,
-    beta: float = 8.0,
-    temperature: float = 4.0,
-    standardize: bool = False,
-    standardize_eps: float = 1e-7,
-    chunk_size: int | None = None,
-) -> Tensor:
-    """Decoupled KD: tau²·(alpha·TCKD + beta·NCKD), target/non-target split (labels required).
-
-    Paper: Zhao et al., "Decoupled Knowledge Distillation", CVPR 2022. ``b^τ = (p_y, 1 − p_y)``,
-    ``p̂^τ = softmax_{c≠y}(z_c/τ)``; ``TCKD = KL(b_T‖b_S)``, ``NCKD = KL(p̂_T‖p̂_S)``;
-    ``L = τ² (1/n) Σ_r (α TCKD + β NCKD)``. Defaults α = 1, β = 8, τ = 4. Identity:
-    ``KL(p_T‖p_S) = TCKD + (1 − p_T,y) NCKD``. Dense teacher only (needs the target's and every
-    non-target class's teacher probability).
-    """
-    return _apply(
-        "dkd", student_logits, teacher_logits, labels, mask, chunk_size,
-        alpha=alpha, beta=beta, temperature=temperature, standardize=standardize,
-        standardize_eps=standardize_eps,
-    )  # fmt: skip
-
-
 # ----------------------------------------------------------------------------------- taid
 
-_CHK_TAID = C.checker(t=C.optional_unit, **_common)
 
+@logit_loss("taid", check=C.checker(t=C.optional_unit, **_common))
+def taid(*, t: float | None = None, temperature: float = 1.0, tail: str = "tail_bucket") -> RowSpec:
+    """TAID: KL(p_t ‖ p_S) toward an interpolated, detached target p_t (t required in [0,1]).
 
-@_rowwise("taid", _CHK_TAID)
-def _build_taid(
-    *, t: float | None = None, temperature: float = 1.0, tail: str = "tail_bucket"
-) -> RowSpec:
+    Paper: Shing et al., "TAID: Temporally Adaptive Interpolated Distillation for Efficient
+    Knowledge Transfer in Language Models", ICLR 2025.
+    ``p_t = softmax(((1−t)·sg(z_S) + t·z_T)/τ)``, ``L(t) = (1/n) Σ_r KL(p_t‖p_S^τ)``; the whole
+    target p_t is detached, so the gradient is that of −Σ p_t log p_S^τ. τ = 1; no τ². t = 1 →
+    forward_kl, t = 0 → 0. Schedule t with :class:`mentor.losses.TAIDScheduler` (an Objective
+    does this itself). Teacher: dense or TopK (interpolation on the k+1-bucket log-probs).
+    """
     if t is None:
         raise ValueError(
             "loss 'taid' needs the interpolation parameter t in [0, 1] (pass t=...; inside an "
@@ -684,42 +573,19 @@ def _build_taid(
     return RowSpec("taid", rows, teachers=DENSE_TOPK, topk_cells=True)
 
 
-@register_loss("taid", check=_CHK_TAID)
-def taid(
-    student_logits: Tensor,
-    teacher_logits: Any,
-    *,
-    labels: Tensor | None = None,
-    mask: Tensor | None = None,
-    t: float | None = None,
-    temperature: float = 1.0,
-    tail: str = "tail_bucket",
-    chunk_size: int | None = None,
-) -> Tensor:
-    """TAID: KL(p_t ‖ p_S) toward an interpolated, detached target p_t (t required in [0,1]).
-
-    Paper: Shing et al., "TAID: Temporally Adaptive Interpolated Distillation for Efficient
-    Knowledge Transfer in Language Models", ICLR 2025.
-    ``p_t = softmax(((1−t)·sg(z_S) + t·z_T)/τ)``, ``L(t) = (1/n) Σ_r KL(p_t‖p_S^τ)``; the whole
-    target p_t is detached, so the gradient is that of −Σ p_t log p_S^τ. τ = 1; no τ². t = 1 →
-    forward_kl, t = 0 → 0. Schedule t with :class:`mentor.losses.TAIDScheduler` (an Objective
-    does this itself). Teacher: dense or TopK (interpolation on the k+1-bucket log-probs).
-    """
-    return _apply(
-        "taid", student_logits, teacher_logits, labels, mask, chunk_size,
-        t=t, temperature=temperature, tail=tail,
-    )  # fmt: skip
-
-
 # ---------------------------------------------------------------------------------- bd_kd
 
-_CHK_BD = C.checker(boost=C.positive, **_common)
 
+@logit_loss("bd_kd", check=C.checker(boost=C.positive, **_common))
+def bd_kd(*, temperature: float = 1.0, boost: float = 2.0, tail: str = "tail_bucket") -> RowSpec:
+    """BD-KD: entropy-gated weighting of forward and reverse KL, ×tau² (reconstruction).
 
-@_rowwise("bd_kd", _CHK_BD)
-def _build_bd_kd(
-    *, temperature: float = 1.0, boost: float = 2.0, tail: str = "tail_bucket"
-) -> RowSpec:
+    Paper: Amara et al., "BD-KD: Balancing the Divergences for Online Knowledge Distillation"
+    (arXiv 2212.12965, 2022). ``ℓ_r = τ²(w_f KL(p_T‖p_S) + w_r KL(p_S‖p_T))`` at τ; with detached
+    entropies, ``H(p_S) > H(p_T)`` → ``(w_f, w_r) = (1, boost)`` else ``(boost, 1)``. Defaults
+    τ = 1, boost = 2. ⚠ Reconstructed from the abstract (no official code). Teacher: dense or
+    TopK (``tail_bucket``).
+    """
     _no_renorm("bd_kd", tail)
     tau2 = temperature**2
 
@@ -735,39 +601,19 @@ def _build_bd_kd(
     return RowSpec("bd_kd", rows, teachers=DENSE_TOPK, topk_cells=True)
 
 
-@register_loss("bd_kd", check=_CHK_BD)
-def bd_kd(
-    student_logits: Tensor,
-    teacher_logits: Any,
-    *,
-    labels: Tensor | None = None,
-    mask: Tensor | None = None,
-    temperature: float = 1.0,
-    boost: float = 2.0,
-    tail: str = "tail_bucket",
-    chunk_size: int | None = None,
-) -> Tensor:
-    """BD-KD: entropy-gated weighting of forward and reverse KL, ×tau² (reconstruction).
-
-    Paper: Amara et al., "BD-KD: Balancing the Divergences for Online Knowledge Distillation"
-    (arXiv 2212.12965, 2022). ``ℓ_r = τ²(w_f KL(p_T‖p_S) + w_r KL(p_S‖p_T))`` at τ; with detached
-    entropies, ``H(p_S) > H(p_T)`` → ``(w_f, w_r) = (1, boost)`` else ``(boost, 1)``. Defaults
-    τ = 1, boost = 2. ⚠ Reconstructed from the abstract (no official code). Teacher: dense or
-    TopK (``tail_bucket``).
-    """
-    return _apply(
-        "bd_kd", student_logits, teacher_logits, labels, mask, chunk_size,
-        temperature=temperature, boost=boost, tail=tail,
-    )  # fmt: skip
-
-
 # ------------------------------------------------------------------------------------ pld
 
-_CHK_PLD = C.checker(temperature=C.positive, chunk_size=C.chunk)
 
+@logit_loss("pld", check=C.checker(temperature=C.positive, chunk_size=C.chunk))
+def pld(*, temperature: float = 1.0) -> RowSpec:
+    """Plackett–Luce distillation: teacher-weighted list-wise ranking loss (labels required).
 
-@_rowwise("pld", _CHK_PLD)
-def _build_pld(*, temperature: float = 1.0) -> RowSpec:
+    Paper: Bassam, Zhu, Bian, "PLD: A Choice-Theoretic List-Wise Knowledge Distillation" (2025,
+    arXiv 2506.12542). ``π = [y] + others by descending z_T``; ``α_k = softmax(z_T/τ)[π_k]``;
+    ``ℓ_r = Σ_k α_k (logsumexp_{j≥k} z_S[π_j] − z_S[π_k])``, mean over counted rows. Student not
+    tempered; τ = 1 only softens the teacher weights. Not 0 at S = T. Dense teacher only.
+    """
+
     def rows(s: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
         y = labels.clamp_min(0).unsqueeze(-1)
         key = (-t).scatter(-1, y, NEG_INF)  # target first, then descending teacher logit
@@ -780,35 +626,18 @@ def _build_pld(*, temperature: float = 1.0) -> RowSpec:
     return RowSpec("pld", rows, label_flags=(True,), teachers=DENSE, needs_labels=True)
 
 
-@register_loss("pld", check=_CHK_PLD)
-def pld(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    *,
-    labels: Tensor | None = None,
-    mask: Tensor | None = None,
-    temperature: float = 1.0,
-    chunk_size: int | None = None,
-) -> Tensor:
-    """Plackett–Luce distillation: teacher-weighted list-wise ranking loss (labels required).
-
-    Paper: Bassam, Zhu, Bian, "PLD: A Choice-Theoretic List-Wise Knowledge Distillation" (2025,
-    arXiv 2506.12542). ``π = [y] + others by descending z_T``; ``α_k = softmax(z_T/τ)[π_k]``;
-    ``ℓ_r = Σ_k α_k (logsumexp_{j≥k} z_S[π_j] − z_S[π_k])``, mean over counted rows. Student not
-    tempered; τ = 1 only softens the teacher weights. Not 0 at S = T. Dense teacher only.
-    """
-    return _apply(
-        "pld", student_logits, teacher_logits, labels, mask, chunk_size, temperature=temperature
-    )
-
-
 # ------------------------------------------------------------------------------------- ce
 
-_CHK_CE = C.checker(chunk_size=C.chunk)
 
+@logit_loss("ce", check=C.checker(chunk_size=C.chunk), teacher_optional=True)
+def ce() -> RowSpec:
+    """Hard-label cross entropy on the student logits (the teacher is ignored).
 
-@_rowwise("ce", _CHK_CE)
-def _build_ce() -> RowSpec:
+    ``L = −(1/n) Σ_r log softmax(z_S)_y`` over counted rows with y ≠ −100; no temperature.
+    Equals ``F.cross_entropy(..., ignore_index=-100)``. Any teacher kind (or None) is accepted.
+    The hard-label term of Hinton et al., "Distilling the Knowledge in a Neural Network" (2015).
+    """
+
     def rows(s: Tensor, t: Any, labels: Tensor | None) -> Tensor:
         return _ce_rows(s, labels)
 
@@ -818,53 +647,22 @@ def _build_ce() -> RowSpec:
     )  # fmt: skip
 
 
-@register_loss("ce", check=_CHK_CE)
-def ce(
-    student_logits: Tensor,
-    teacher_logits: Any = None,
-    *,
-    labels: Tensor | None = None,
-    mask: Tensor | None = None,
-    chunk_size: int | None = None,
-) -> Tensor:
-    """Hard-label cross entropy on the student logits (the teacher is ignored).
-
-    ``L = −(1/n) Σ_r log softmax(z_S)_y`` over counted rows with y ≠ −100; no temperature.
-    Equals ``F.cross_entropy(..., ignore_index=-100)``. Any teacher kind (or None) is accepted.
-    The hard-label term of Hinton et al., "Distilling the Knowledge in a Neural Network" (2015).
-    """
-    return _apply("ce", student_logits, teacher_logits, labels, mask, chunk_size)
-
-
 # ------------------------------------------------------------------------------ logit_mse
 
-_CHK_MSE = C.checker(chunk_size=C.chunk)
 
-
-@_rowwise("logit_mse", _CHK_MSE)
-def _build_logit_mse() -> RowSpec:
-    def rows(s: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
-        return (s - t).pow(2).sum(-1)
-
-    return RowSpec("logit_mse", rows, teachers=DENSE)
-
-
-@register_loss("logit_mse", check=_CHK_MSE)
-def logit_mse(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    *,
-    labels: Tensor | None = None,
-    mask: Tensor | None = None,
-    chunk_size: int | None = None,
-) -> Tensor:
+@logit_loss("logit_mse", check=C.checker(chunk_size=C.chunk))
+def logit_mse() -> RowSpec:
     """Squared error between raw logits, Σ_c (z_S − z_T)², mean over counted rows.
 
     Paper: Kim et al., "Comparing Kullback-Leibler Divergence and Mean Squared Error Loss in
     Knowledge Distillation", IJCAI 2021. No temperature (``F.mse_loss`` = this / C). Dense
     teacher only (needs raw teacher logits).
     """
-    return _apply("logit_mse", student_logits, teacher_logits, labels, mask, chunk_size)
+
+    def rows(s: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
+        return (s - t).pow(2).sum(-1)
+
+    return RowSpec("logit_mse", rows, teachers=DENSE)
 
 
 # ---------------------------------------------------------------------- batch-coupled ones

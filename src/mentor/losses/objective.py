@@ -11,8 +11,6 @@ from torch import Tensor, nn
 from mentor.losses._base import LOSSES, get_loss
 from mentor.losses.taid_schedule import TAIDScheduler
 
-# Keys of a term spec that are not loss hyperparameters.
-TERM_KEYS = ("weight", "loss", "student", "teacher", "projector")
 # Keys of a ``taid`` term that configure its TAIDScheduler.
 TAID_KEYS = ("t_start", "t_end", "alpha", "beta", "disable_adaptive")
 

@@ -81,7 +81,7 @@ def build_report(run_dir: str | Path, *, evaluate_if_missing: bool = True) -> Pa
     records = read_metrics(run_dir)
     ev_path = run_dir / "eval.json"
     if not ev_path.exists() and evaluate_if_missing:
-        from mentor.eval.run_eval import evaluate_run
+        from mentor.assembly import evaluate_run
 
         evaluate_run(run_dir)
     ev = json.loads(ev_path.read_text()) if ev_path.exists() else None

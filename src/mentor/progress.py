@@ -1,5 +1,6 @@
-"""Progress display: a rich bar (step, ETA, named loss terms) on a terminal, plain periodic
-lines when output goes to a log file or CI (so long work always shows progress)."""
+"""Progress display shared by every long step (teacher fit, training, cache writing,
+evaluation, latency runs): a rich bar (count, ETA, named values) on a terminal, plain periodic
+lines when output goes to a log file or CI, so no step is silent for more than ~10 s."""
 
 from __future__ import annotations
 
@@ -16,19 +17,27 @@ from rich.progress import (
 )
 from rich.progress import Progress as _RichProgress
 
-LOG_EVERY_S = 15.0
+LOG_EVERY_S = 10.0
 
 
 class Progress:
-    """Training progress (disabled on non-main processes or with ``train.progress=false``)."""
+    """Progress of ``total`` units of work (disabled on non-main processes, or with
+    ``enabled=False``, e.g. ``train.progress=false``)."""
 
     def __init__(
-        self, total: int, *, enabled: bool = True, initial: int = 0, label: str = "distil"
+        self,
+        total: int,
+        *,
+        enabled: bool = True,
+        initial: int = 0,
+        label: str = "distil",
+        unit: str = "",
     ) -> None:
-        """Start at ``initial`` of ``total`` steps."""
+        """Start at ``initial`` of ``total`` units (``unit`` names them in plain lines)."""
         self._bar = None
         self._plain = False
-        self.total, self.label, self.initial = total, label, initial
+        self.total, self.label, self.initial = max(int(total), 1), label, initial
+        self.unit = f" {unit}" if unit else ""
         if not enabled:
             return
         console = Console(stderr=True)
@@ -57,12 +66,12 @@ class Progress:
             self._bar.update(self._task, completed=step, terms=text)
         elif self._plain:
             now = time.perf_counter() - self._t0
-            if now - self._last >= LOG_EVERY_S or step == self.total:
+            if now - self._last >= LOG_EVERY_S or step >= self.total:
                 self._last = now
                 done = max(step - self.initial, 1)
                 eta = now / done * (self.total - step)
                 self._console.print(
-                    f"{self.label} {step}/{self.total} ({100 * step / self.total:.0f}%) "
+                    f"{self.label} {step}/{self.total}{self.unit} ({100 * step / self.total:.0f}%) "
                     f"elapsed {now:.0f}s eta {eta:.0f}s {text}",
                     highlight=False,
                     soft_wrap=True,

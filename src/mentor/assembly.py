@@ -1,0 +1,679 @@
+"""Assembly: turn a recipe (``RunConfig``) into parts, one way for every command.
+
+``distill``, ``cache``, ``plan``, ``eval`` and ``demo`` all start here:
+
+* **data**: built once, tokenised with the teacher's tokenizer whenever the source is text;
+* **teacher module**: loaded (``teacher.path``) or built, and fitted on labels when the recipe
+  says ``fit:`` — through the :class:`~mentor.engine.Distiller` with a ``ce``-only objective —
+  once per run; fitted teachers are kept in ``$MENTOR_CACHE/teachers/<key>``;
+* **teacher source**: the registered class named by ``teacher.source`` builds itself from an
+  :class:`Assembly` (the :class:`~mentor.teachers.SourceContext` it is handed);
+* **student**: built by name (from the teacher module for ``layer_drop``/``shrink``);
+* **objective** and **task**.
+
+Layers point one way: entry (cli, demo) → assembly → engine → teacher sources / cache store /
+objective → losses, data, models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import set_seed
+from torch import nn
+from torch.utils.data import default_collate
+
+from mentor._console import err as console
+from mentor.config import FitConfig, RunConfig, TeacherConfig, load_config
+from mentor.data import DataBundle, TensorDataset, build_data
+from mentor.engine import Distiller
+from mentor.engine.loop import OUTPUT_TAP
+from mentor.losses import Objective
+from mentor.models.assets import cache_root
+from mentor.models.hf import hf_core
+from mentor.progress import Progress
+from mentor.students import build_model, load_model, save_model
+from mentor.students.builders import count_parameters
+from mentor.students.vocab import VocabCheck, check_vocab, output_size, reconcile
+from mentor.tasks import Task, get_task, heldout
+from mentor.teachers import SOURCES, TeacherSource
+
+# Student builders that copy or reshape the teacher, so need it even without teacher terms.
+FROM_TEACHER = ("layer_drop", "shrink")
+
+
+# ----------------------------------------------------------------------------- recipe facts
+
+
+def model_spec(params: dict[str, Any]) -> str | None:
+    """The ``model`` entry of builder params (asset name, folder or Hub id), if any."""
+    m = params.get("model")
+    return str(m) if m else None
+
+
+def data_tokenizer(cfg: RunConfig) -> str | None:
+    """The model spec whose tokenizer text data uses: the teacher's, else the student's."""
+    tc = cfg.teacher
+    members = getattr(tc.options, "members", None) or []
+    for params in (tc.params, *(m.params for m in members), cfg.student.params):
+        spec = model_spec(params)
+        if spec:
+            return spec
+    if cfg.student.builder.startswith("hf:"):
+        return cfg.student.builder[3:]
+    return None
+
+
+def student_tokenizer(cfg: RunConfig) -> str | None:
+    """The student's own tokenizer when it brings one (``hf:<path>``, ``hf_*`` builders)."""
+    b, p = cfg.student.builder, cfg.student.params
+    if b.startswith("hf:"):
+        return b[3:]
+    if b in ("hf", "hf_causal_lm", "hf_classifier", "hf_embedder"):
+        return model_spec(p)
+    return None
+
+
+def student_needs_teacher(cfg: RunConfig) -> bool:
+    """True when the student builder derives the student from the teacher module."""
+    b = cfg.student.builder
+    if b in FROM_TEACHER:
+        return True
+    return b == "tfidf_mlp" and "out_dim" not in cfg.student.params
+
+
+def build_run_data(cfg: RunConfig) -> DataBundle:
+    """The recipe's data, tokenised with the teacher's tokenizer when the source is text."""
+    return build_data(
+        cfg.data.source,
+        cfg.data.params,
+        cfg.data.val_fraction,
+        cfg.data.split_seed,
+        tokenizer=data_tokenizer(cfg),
+    )
+
+
+def check_student_vocab(
+    cfg: RunConfig, bundle: DataBundle, teacher: nn.Module | None, student: nn.Module
+) -> VocabCheck | None:
+    """Tokenizer/vocabulary check before LM or encoder distillation (see students/vocab.py).
+
+    The data was tokenised with the teacher's tokenizer; a student bringing its own must share
+    the token -> id map. Causal LMs with padded output sizes get their logits trimmed.
+    """
+    if hf_core(student) is None:
+        return None
+    s_spec, d_spec = student_tokenizer(cfg), bundle.info.tokenizer
+    if s_spec and d_spec and s_spec != d_spec:
+        from mentor.models.assets import load_tokenizer
+
+        check_vocab(load_tokenizer(d_spec), load_tokenizer(s_spec), None, None)
+    n_ids = bundle.info.vocab_size
+    rows = hf_core(student).get_input_embeddings().weight.shape[0]
+    if n_ids and rows < n_ids:
+        raise ValueError(
+            f"the student embeds {rows:,} token ids but the data's tokenizer has {n_ids:,}: "
+            "use a student built from the teacher (layer_drop, shrink) or with its tokenizer"
+        )
+    if teacher is not None and hf_core(teacher) is not None and bundle.info.task == "causal_lm":
+        return reconcile(teacher, student)
+    if bundle.info.task == "causal_lm":
+        return VocabCheck(output_size(student))
+    return None
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def teacher_fit_key(tc: TeacherConfig, cfg: RunConfig, bundle: DataBundle) -> str:
+    """Key of a fitted teacher: builder, params, fit, data config, seed and the data as resolved.
+
+    The resolved description (shapes, classes, sizes) matters because one data config can give
+    different data, e.g. ``fashion_mnist`` falling back to digits when its files are missing.
+    """
+    resolved = [dataclasses.asdict(bundle.info), len(bundle.train), len(bundle.val)]
+    return _hash(
+        [tc.builder, tc.params, tc.fit.model_dump() if tc.fit else None, cfg.data.model_dump(),
+         cfg.train.seed, resolved]
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- fitting on labels
+
+
+def fit_on_labels(
+    model: nn.Module,
+    bundle: DataBundle,
+    fit: FitConfig,
+    seed: int,
+    *,
+    label: str = "teacher",
+    progress: bool = True,
+) -> nn.Module:
+    """Train ``model`` on the labels of ``bundle.train`` with the Distiller and a ``ce`` term.
+
+    Causal LMs learn next-token prediction. An encoder classifier whose encoder is frozen
+    trains only its head, on pooled features computed once (the encoder pass is the cost).
+    """
+    data, task = bundle.train, bundle.info.task
+    collate = bundle.collate or default_collate
+    trainee: nn.Module = model
+    if hasattr(model, "fit_head") and getattr(model, "encoder_frozen", lambda: False)():
+        data = _pooled_features(model, data, collate, label, progress)
+        trainee, collate = nn.Sequential(model.dropout, model.head), default_collate
+    per_epoch = max(1, len(data) // fit.batch_size)
+    steps = max(1, math.ceil(fit.epochs * per_epoch))
+    torch.manual_seed(seed)
+    Distiller(
+        trainee,
+        None,
+        "ce",
+        data,
+        task=task,
+        collate_fn=collate,
+        write_run=False,
+        max_steps=steps,
+        batch_size=min(fit.batch_size, len(data)),
+        lr=fit.lr,
+        weight_decay=fit.weight_decay,
+        schedule="constant",
+        grad_clip=None,
+        seed=seed,
+        log_every=max(steps, 1),
+        progress=progress,
+    ).fit()
+    return model.eval()
+
+
+@torch.no_grad()
+def _pooled_features(
+    model: nn.Module, data: Any, collate: Any, label: str, progress: bool
+) -> TensorDataset:
+    model.eval()
+    feats, labels, ids = [], [], []
+    n_batches = math.ceil(len(data) / 64)
+    bar = Progress(n_batches, enabled=progress, label=f"{label}: encode", unit="batches")
+    for k, lo in enumerate(range(0, len(data), 64)):
+        b = collate([data[i] for i in range(lo, min(len(data), lo + 64))])
+        feats.append(model.pooled(b["input_ids"], b.get("attention_mask")))
+        labels.append(b["labels"])
+        ids.append(b["index"])
+        bar.update(k + 1, {})
+    bar.close()
+    return TensorDataset(torch.cat(feats), torch.cat(labels), torch.cat(ids))
+
+
+# ----------------------------------------------------------------------------- the assembly
+
+
+class Assembly:
+    """The parts of one recipe, each built at most once (a :class:`SourceContext`)."""
+
+    def __init__(self, cfg: RunConfig, *, run_dir: str | Path | None = None) -> None:
+        """``run_dir``: where a fitted teacher copy may already be (``RUN/teacher``)."""
+        self.cfg = cfg
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.taps: list[str] = []
+        self._data: DataBundle | None = None
+        self._objective: Objective | None = None
+        self._student: nn.Module | None = None
+        self._modules: dict[str, nn.Module] = {}
+        self._fitted: dict[str, tuple[nn.Module, TeacherConfig, str]] = {}
+        self._source: TeacherSource | None = None
+
+    # ------------------------------------------------------------------ data, task, objective
+    @property
+    def data(self) -> DataBundle:
+        """The recipe's data (built on first use)."""
+        if self._data is None:
+            self._data = build_run_data(self.cfg)
+        return self._data
+
+    @property
+    def task(self) -> Task:
+        """The task the data declares."""
+        return get_task(self.data.info.task)
+
+    @property
+    def collate(self) -> Any:
+        """How the data's items become a batch."""
+        return self.data.collate or default_collate
+
+    @property
+    def objective(self) -> Objective:
+        """The objective (learned projectors initialised from the run's seed)."""
+        if self._objective is None:
+            torch.manual_seed(self.cfg.train.seed)
+            self._objective = Objective(self.cfg.objective)
+            self.taps = [t for _, t in self._objective.taps.values() if t != OUTPUT_TAP]
+        return self._objective
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether the objective has terms besides ``ce``."""
+        return any(t.name != "ce" for t in self.objective.terms.values())
+
+    @property
+    def source_class(self) -> type[TeacherSource]:
+        """The registered class of ``teacher.source``."""
+        return SOURCES.get(self.cfg.teacher.source)
+
+    # ------------------------------------------------------------------ teacher module
+    def has_module(self, tc: TeacherConfig | None = None) -> bool:
+        """Whether ``tc`` (default: the recipe's teacher) names a module to build or load."""
+        tc = tc or self.cfg.teacher
+        return bool(tc.builder or tc.path)
+
+    def module(
+        self, tc: TeacherConfig | None = None, *, architecture_only: bool = False
+    ) -> nn.Module:
+        """The teacher module of ``tc``: loaded, built or fitted — once per assembly."""
+        tc = tc or self.cfg.teacher
+        key = tc.model_dump_json(include={"builder", "params", "path", "fit"})
+        if key in self._modules:
+            return self._modules[key]
+        if tc.path:
+            model = load_model(tc.path)[0]
+        elif not tc.builder:
+            raise ValueError(
+                "the teacher needs teacher.builder (with teacher.params) or teacher.path"
+            )
+        elif tc.fit is None:
+            torch.manual_seed(self.cfg.train.seed)  # an unfitted teacher depends on the seed
+            model = build_model(tc.builder, tc.params, self.data.info, data=self.data.train)
+        else:
+            model = self._fitted_module(tc, architecture_only)
+            if architecture_only and key not in self._modules:
+                return model
+        self._modules[key] = model
+        return model
+
+    def _fitted_module(self, tc: TeacherConfig, architecture_only: bool) -> nn.Module:
+        key = teacher_fit_key(tc, self.cfg, self.data)
+        places = [p for p in (self.run_dir, Path(self.cfg.output.dir)) if p is not None]
+        places = [p / "teacher" for p in places] + [shared_teachers() / key]
+        for folder in places:
+            meta = folder / "fit_key.txt"
+            if meta.exists() and meta.read_text() == key:
+                model = load_model(folder)[0]
+                self._fitted[key] = (model, tc, key)
+                return model
+        set_seed(self.cfg.train.seed)
+        model = build_model(tc.builder, tc.params, self.data.info, data=self.data.train)
+        if architecture_only:
+            return model
+        fit_on_labels(
+            model, self.data, tc.fit, self.cfg.train.seed, progress=self.cfg.train.progress
+        )
+        _save_fitted(model, shared_teachers() / key, tc, self.data, key)
+        self._fitted[key] = (model, tc, key)
+        return model
+
+    def save_fitted_teachers(self, run_dir: Path) -> None:
+        """Copy the fitted teacher into ``RUN/teacher`` (so the run evaluates without a refit)."""
+        for model, tc, key in self._fitted.values():
+            folder = run_dir / "teacher"
+            if (folder / "fit_key.txt").exists() and (folder / "fit_key.txt").read_text() == key:
+                continue
+            _save_fitted(model, folder, tc, self.data, key)
+            break  # one teacher per run directory (ensemble members stay in the shared cache)
+
+    # ------------------------------------------------------------------ student and source
+    def build_student(self, teacher: nn.Module | None = None) -> nn.Module:
+        """A fresh student (seeded by ``train.seed``)."""
+        set_seed(self.cfg.train.seed)
+        s = self.cfg.student
+        return build_model(s.builder, s.params, self.data.info, teacher, data=self.data.train)
+
+    @property
+    def student(self) -> nn.Module | None:
+        """The run's student (built on first use; from the teacher module when derived)."""
+        if self._student is None:
+            self.objective  # noqa: B018  (projectors are initialised before the student)
+            t = None
+            if self.has_module() and (
+                (self.source_class.uses_module and self.uses_teacher)
+                or student_needs_teacher(self.cfg)
+            ):
+                t = self.module()
+            self._student = self.build_student(t)
+            check_student_vocab(self.cfg, self.data, t, self._student)
+        return self._student
+
+    def teacher_source(self) -> TeacherSource | None:
+        """The teacher source (None when the objective needs no teacher)."""
+        if self._source is None and self.uses_teacher:
+            self.objective  # noqa: B018  (sets the teacher taps)
+            self._source = self.source_class.from_config(self)
+        return self._source
+
+    def teacher_for_metrics(self) -> nn.Module | None:
+        """The teacher module held-out metrics compare with (None for cache-only teachers)."""
+        src = self._source
+        if src is not None and isinstance(getattr(src, "module", None), nn.Module):
+            return src.module
+        if self._modules:
+            return next(iter(self._modules.values()))
+        return None
+
+    def expected_provenance(self) -> dict[str, Any]:
+        """What a teacher cache must match to train this recipe: teacher, tokenizer, data."""
+        module = self.module() if self.has_module() else None
+        splits = {"train": self.data.train}
+        if self.cfg.eval.every:
+            splits["val"] = self.data.val
+        return recipe_provenance(self.cfg, self.data, module, splits)
+
+    # ------------------------------------------------------------------ held-out metrics
+    def final_metrics(self, student: nn.Module, teacher: nn.Module | None) -> dict[str, Any]:
+        """Headline held-out metrics (``final_metrics.json``), through :func:`heldout`."""
+        b = self.data
+        models = {"student": student, **({"teacher": teacher} if teacher is not None else {})}
+        res = heldout(
+            self.task,
+            models,
+            b.val,
+            collate=self.collate,
+            batch_size=self.cfg.eval.batch_size,
+            num_classes=b.info.num_classes,
+            train=b.train if b.info.task == "embedding" else None,
+            label="held-out metrics",
+            progress=self.cfg.train.progress,
+        )
+        out = self.task.summary(res)
+        if b.info.task == "embedding":
+            from mentor.eval.cost import items_per_second
+            from mentor.eval.metrics import linear_probe
+
+            if hasattr(student, "tfidf") and "student_probe_accuracy" in out:
+                texts = [list(getattr(d, "texts", [])) for d in (b.train, b.val)]
+                y = [torch.as_tensor(getattr(d, "labels", [])) for d in (b.train, b.val)]
+                out["tfidf_probe_accuracy"] = linear_probe(
+                    student.tfidf(texts[0]), y[0], student.tfidf(texts[1]), y[1]
+                )
+            for name, m in models.items():
+                out[f"{name}_items_per_s"] = items_per_second(m, b.val, self.collate)
+        return out
+
+
+def shared_teachers() -> Path:
+    """Where fitted teachers are kept across runs: ``$MENTOR_CACHE/teachers``."""
+    return cache_root().parent / "teachers"
+
+
+def _save_fitted(
+    model: nn.Module, folder: Path, tc: TeacherConfig, bundle: DataBundle, key: str
+) -> None:
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(model, tmp, tc.builder or "", tc.params, bundle.info)
+    (tmp / "fit_key.txt").write_text(key)
+    if folder.exists():
+        if not (folder / "fit_key.txt").exists():
+            raise FileExistsError(
+                f"{folder} exists and was not written by mentor (no fit_key.txt): move it away"
+            )
+        shutil.rmtree(folder)
+    tmp.replace(folder)
+
+
+def recipe_provenance(
+    cfg: RunConfig, bundle: DataBundle, teacher: nn.Module | None, splits: dict[str, Any]
+) -> dict[str, Any]:
+    """Provenance of a recipe's teacher (``teacher.builder``/``path``), tokenizer and data."""
+    from mentor.cache import describe
+
+    tc = cfg.teacher
+    info = bundle.info
+    return describe(
+        teacher,
+        splits,
+        tc.precision,
+        name=tc.path or tc.builder,
+        tokenizer=info.tokenizer or info.extra.get("tokenizer") or info.extra.get("tokenizer_path"),
+        teacher_spec={"builder": tc.builder, "params": tc.params, "path": tc.path},
+        data_spec=cfg.data.model_dump(mode="json"),
+    )
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+@dataclass
+class RunResult:
+    """What ``distill`` produced: the run directory and held-out metrics."""
+
+    run_dir: Path
+    metrics: dict[str, Any]
+    student: nn.Module
+    teacher: nn.Module | None
+
+
+def distill(cfg: RunConfig, *, resume: bool = False, quiet: bool = False) -> RunResult:
+    """Run the whole recipe: data, teacher, student, training, held-out evaluation."""
+    Distiller.check_output(cfg, resume)  # before anything is built or written
+    set_seed(cfg.train.seed)
+    asm = Assembly(cfg)
+    bundle, objective = asm.data, asm.objective
+    student = asm.student
+    teacher = asm.teacher_source()
+    t_module = asm.teacher_for_metrics()
+    if not quiet:
+        t_params = f"{count_parameters(t_module):,}" if t_module is not None else "-"
+        console.print(
+            f"[bold]{cfg.name}[/]: teacher params {t_params}, student params "
+            f"{count_parameters(student):,} ({cfg.student.builder}); objective "
+            + " + ".join(f"{w:g}*{n}" for n, w in objective.weights.items())
+        )
+    before: dict[str, Any] = {}
+    if bundle.info.task == "causal_lm" and not resume:
+        res = heldout(asm.task, {"student": student}, bundle.val, collate=asm.collate,
+                      batch_size=cfg.eval.batch_size, progress=cfg.train.progress,
+                      label="initial perplexity")  # fmt: skip
+        before = {"student_init_perplexity": res["student"]["perplexity"]}
+
+    def save_student(model: nn.Module, folder: Path) -> None:
+        save_model(model, folder, cfg.student.builder, cfg.student.params, bundle.info)
+
+    distiller = Distiller(
+        student,
+        teacher,
+        objective,
+        bundle.train,
+        cfg,
+        val_data=bundle.val,
+        task=asm.task,
+        save_student=save_student,
+        collate_fn=asm.collate,
+    )
+    run_dir = distiller.fit(resume=resume)
+    asm.save_fitted_teachers(run_dir)
+    metrics = {**before, **asm.final_metrics(student, asm.teacher_for_metrics())}
+    (run_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
+    return RunResult(run_dir, metrics, student, t_module)
+
+
+@dataclass
+class LoadedRun:
+    """A finished run rebuilt from its directory: config, data, teacher and student."""
+
+    cfg: RunConfig
+    bundle: DataBundle
+    teacher: nn.Module | None
+    student: nn.Module
+    assembly: Assembly | None = None
+
+
+def load_run(run_dir: str | Path, data_overrides: list[str] | None = None) -> LoadedRun:
+    """Rebuild the data, the teacher module and the trained student of a run directory.
+
+    ``data_overrides`` (``data.*`` keys) evaluate on other data, tokenised as in training.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise FileNotFoundError(f"{run_dir} has no config.yaml: not a mentor run directory")
+    if not (run_dir / "student").exists():
+        raise FileNotFoundError(
+            f"{run_dir}/student is missing: the run did not finish (continue it with --resume)"
+        )
+    bad = [o for o in data_overrides or [] if not o.startswith("data.")]
+    if bad:
+        raise ValueError(f"--data overrides must start with 'data.', got {bad[0]!r}")
+    cfg = load_config(run_dir / "config.yaml", data_overrides)
+    asm = Assembly(cfg, run_dir=run_dir)
+    student, _ = load_model(run_dir / "student")
+    teacher = None
+    src = asm.source_class
+    if src.name == "run":
+        teacher = src.load(cfg.teacher)  # type: ignore[attr-defined]
+    elif src.uses_module and asm.has_module():
+        teacher = asm.module()
+    if teacher is not None and asm.data.info.task == "causal_lm":
+        check_student_vocab(cfg, asm.data, teacher, student)
+    return LoadedRun(
+        cfg, asm.data, teacher.eval() if teacher is not None else None, student.eval(), asm
+    )
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    *,
+    baseline: str | Path | None = None,
+    data_overrides: list[str] | None = None,
+    measure: bool = True,
+) -> dict[str, Any]:
+    """Evaluate a finished run (and optionally a label-only baseline run); write eval.json."""
+    from mentor.eval.run_eval import evaluate_models
+
+    run_dir = Path(run_dir)
+    loaded = load_run(run_dir, data_overrides)
+    models: dict[str, nn.Module] = {}
+    if loaded.teacher is not None:
+        models["teacher"] = loaded.teacher
+    if baseline is not None:
+        models["student_no_kd"] = load_run(baseline).student
+    models["student"] = loaded.student
+    result = evaluate_models(models, loaded.bundle, measure=measure)
+    result["run"] = str(run_dir)
+    result["name"] = loaded.cfg.name
+    result["seed"] = loaded.cfg.train.seed
+    if baseline is not None:
+        result["baseline_run"] = str(baseline)
+    tmp = run_dir / "eval.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(run_dir / "eval.json")
+    return result
+
+
+def cache_recipe(
+    cfg: RunConfig,
+    out: str | Path,
+    settings: Any = None,
+    *,
+    splits: tuple[str, ...] = ("train",),
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run a recipe's teacher once over its data (built as ``distill`` builds it) and cache it."""
+    from mentor.cache import CacheSettings, write_cache
+    from mentor.cache.writer import OUTPUT, module_teacher
+
+    bad = [s for s in splits if s not in ("train", "val")]
+    if bad or not splits:
+        raise ValueError(f"--splits {','.join(splits)}: choose from train, val")
+    asm = Assembly(cfg)
+    src = asm.source_class
+    if src.name == "run":
+        teacher = src.load(cfg.teacher)  # type: ignore[attr-defined]
+    elif (src.uses_module or src.name == "cache") and asm.has_module():
+        teacher = asm.module()
+    else:
+        raise ValueError(
+            f"mentor cache runs the recipe's own teacher (teacher.builder or teacher.path, or "
+            f"a previous run with teacher.source=run); teacher.source={cfg.teacher.source!r} "
+            f"with builder={cfg.teacher.builder!r}, path={cfg.teacher.path!r} has none to run"
+        )
+    bundle = asm.data
+    data = {s: bundle.train if s == "train" else bundle.val for s in splits}
+    prov = recipe_provenance(cfg, bundle, teacher, data)
+    settings = settings or CacheSettings()
+    if bundle.info.task == "embedding" and OUTPUT not in settings.features:
+        settings.top_k, settings.samples = 0, 0
+        settings.features = [*settings.features, OUTPUT]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    fn = module_teacher(teacher.to(device), list(settings.check().features), cfg.teacher.precision)
+    return write_cache(
+        fn,
+        data,
+        out,
+        settings,
+        provenance=prov,
+        task=bundle.info.task,
+        device=device,
+        collate=asm.collate,
+        progress=progress,
+        overwrite=overwrite,
+    )
+
+
+def plan_recipe(
+    cfg: RunConfig, *, top_k: int = 32, samples: int = 0, dtype: str = "fp16"
+) -> dict[str, Any]:
+    """``mentor plan``: parameters, FLOPs, cache size and logit memory (nothing is trained)."""
+    from mentor.cache.plan import estimate
+    from mentor.models import model_outputs
+
+    asm = Assembly(cfg)
+    bundle = asm.data
+    needs = asm.has_module() and student_needs_teacher(cfg)
+    t_mod = asm.module(architecture_only=True) if needs else None
+    student = asm.build_student(t_mod)
+    asm._student = student
+    n_t = asm.source_class.plan_parameters(asm)
+    ex = bundle.train[0]
+    per_token = asm.task.per_token
+    t_len = int(ex["input_ids"].shape[-1]) if per_token else 1
+    with torch.no_grad():
+        v = int(model_outputs(student.eval(), asm.collate([ex])).shape[-1])
+    chunks = [int(s["chunk_size"]) for s in cfg.objective.values() if s.get("chunk_size")]
+    return estimate(
+        recipe=cfg.name,
+        teacher_parameters=n_t,
+        student_parameters=count_parameters(student),
+        positions_per_example=t_len,
+        train_examples=len(bundle.train),
+        classes=v,
+        batch_size=cfg.train.batch_size,
+        chunk_size=min(chunks) if chunks else None,
+        top_k=top_k,
+        samples=samples,
+        dtype=dtype,
+    )
+
+
+__all__ = [
+    "FROM_TEACHER",
+    "Assembly",
+    "LoadedRun",
+    "RunResult",
+    "build_run_data",
+    "cache_recipe",
+    "check_student_vocab",
+    "data_tokenizer",
+    "distill",
+    "evaluate_run",
+    "fit_on_labels",
+    "load_run",
+    "plan_recipe",
+    "student_needs_teacher",
+    "teacher_fit_key",
+]
