@@ -14,6 +14,18 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 @pytest.fixture
+def one_thread():
+    """Run a test on one thread: tiny models are fastest so, and do not thrash a busy machine.
+
+    Modules use it as ``@pytest.fixture(autouse=True) def _one_thread(one_thread): ...``.
+    """
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def tiny_lm() -> nn.Module:
     """A 2-layer Llama causal LM with hidden 32 and vocab 128 (random weights)."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -17,12 +17,8 @@ from mentor.models import assets as A
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not thrash when the machine is busy)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Tiny models run fastest on one thread (see conftest.one_thread)."""
 
 
 class _WordTok:

@@ -7,7 +7,6 @@ import json
 import re
 
 import pytest
-import torch
 
 from mentor.assembly import distill, load_run
 from mentor.config import load_config
@@ -19,12 +18,8 @@ from mentor.students import BUILDERS
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not thrash when the machine is busy)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Tiny models run fastest on one thread (see conftest.one_thread)."""
 
 
 SHIPPED = ["causal-lm", "digits", "embedding-tfidf", "text-classifier", "tiny-classifier",

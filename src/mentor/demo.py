@@ -13,27 +13,8 @@ from rich.table import Table
 from mentor._console import console
 from mentor.assembly import distill, evaluate_run
 from mentor.config import load_config
+from mentor.recipes import smoke_overrides
 from mentor.report.build import build_report, summary_rows
-
-SMOKE = ["train.max_steps=4", "eval.every=2", "train.log_every=2"]
-# extra overrides per recipe in --smoke mode (tiny data, short sequences), for the test suite
-SMOKE_DATA = {
-    "text-classifier": [
-        "data.params.limit=40",
-        "data.params.max_length=32",
-        "train.batch_size=8",
-        "teacher.fit.epochs=2",
-    ],  # fmt: skip
-    "embedding-tfidf": ["data.params.limit=48", "data.params.max_length=32", "train.batch_size=16"],
-    "causal-lm": [
-        "data.params.max_blocks=12",
-        "data.params.block_size=16",
-        "train.batch_size=2",
-        "student.params.layers=[0,29]",
-    ],  # fmt: skip
-    "vision": ["data.params.limit=256", "data.params.val_limit=128", "teacher.fit.epochs=1"],
-    "digits": ["teacher.fit.epochs=2"],
-}
 
 
 def recipe_demo(
@@ -46,7 +27,7 @@ def recipe_demo(
     """Distil ``recipe``; train the same student without the teacher (``baseline`` objective,
     same steps; None skips it); evaluate all; build the report; print the results table."""
     t0 = time.perf_counter()
-    smoke_args = [*SMOKE, *SMOKE_DATA.get(recipe, [])] if smoke else []
+    smoke_args = smoke_overrides(recipe) if smoke else []
     common = ["output.overwrite=true", *smoke_args, *(extra or [])]
     cfg = load_config(recipe, [f"output.dir={out}/distilled", *common])
     console.rule(f"[bold]mentor demo: {cfg.name}[/] — 1/4 teacher and distilled student")

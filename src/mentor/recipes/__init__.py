@@ -30,3 +30,25 @@ def resolve_recipe(name_or_path: str) -> Path:
 def list_recipes() -> list[tuple[str, str]]:
     """(name, description) of every shipped recipe."""
     return [(n, RECIPES.describe(n)) for n in RECIPES.names()]
+
+
+# A few steps on a few short examples: `mentor demo --smoke` and the test suite run every
+# shipped recipe this way (the recipe's own settings are the real runs).
+SMOKE = ["train.max_steps=4", "eval.every=2", "train.log_every=2"]
+SMOKE_DATA = {
+    "text-classifier": ["data.params.limit=40", "data.params.max_length=32",
+                        "train.batch_size=8", "teacher.fit.epochs=2"],
+    "embedding-tfidf": ["data.params.limit=48", "data.params.max_length=32",
+                        "train.batch_size=16"],
+    "causal-lm": ["data.params.max_blocks=12", "data.params.block_size=16",
+                  "train.batch_size=2", "student.params.layers=[0,29]"],
+    "vision": ["data.params.limit=256", "data.params.val_limit=128", "teacher.fit.epochs=1"],
+    "digits": ["teacher.fit.epochs=2"],
+    "tiny-lm": ["teacher.fit.epochs=1", "data.params.n=96"],
+    "tiny-classifier": ["teacher.fit.epochs=2"],
+}  # fmt: skip
+
+
+def smoke_overrides(name: str) -> list[str]:
+    """Overrides that shrink the shipped recipe ``name`` to a few seconds (tests, --smoke)."""
+    return [*SMOKE, *SMOKE_DATA.get(name, [])]
