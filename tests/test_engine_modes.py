@@ -109,7 +109,10 @@ def test_taid_schedule_advances_in_the_loop(tmp_path):
     )
     res = distill(cfg, quiet=True)
     recs = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert all("taid" in r for r in recs if r["kind"] == "train")
+    train = [r for r in recs if r["kind"] == "train"]
+    assert all("taid" in r for r in train)
+    ts = [r["taid.t"] for r in train]
+    assert 0.4 < ts[0] and ts == sorted(ts) and ts[-1] > ts[0]  # t moves from t_start up
 
 
 @pytest.mark.slow

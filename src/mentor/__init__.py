@@ -1,17 +1,11 @@
 """mentor: knowledge distillation toolkit — turn a large teacher into a small, fast student."""
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("mentor")
-except PackageNotFoundError:  # running from a source tree without installation
-    __version__ = "0.0.0+unknown"
-
-from mentor.assembly import distill  # noqa: E402
-from mentor.config import ConfigError, RunConfig, load_config  # noqa: E402
-from mentor.engine import Distiller  # noqa: E402
-from mentor.losses import Objective, get_loss, list_losses  # noqa: E402
-from mentor.registry import Registry  # noqa: E402
+from mentor._version import __version__
+from mentor.assembly import distill, evaluate_run, fit_on_labels, load_run
+from mentor.config import ConfigError, RunConfig, load_config
+from mentor.engine import Distiller
+from mentor.losses import Objective, get_loss, list_losses
+from mentor.registry import Registry
 
 __all__ = [
     "ConfigError",
@@ -21,7 +15,10 @@ __all__ = [
     "RunConfig",
     "__version__",
     "distill",
+    "evaluate_run",
+    "fit_on_labels",
     "get_loss",
     "list_losses",
     "load_config",
+    "load_run",
 ]

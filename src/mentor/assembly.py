@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 from accelerate.utils import set_seed
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import default_collate
 
 from mentor._console import err as console
@@ -153,17 +153,23 @@ def teacher_fit_key(tc: TeacherConfig, cfg: RunConfig, bundle: DataBundle) -> st
 def fit_on_labels(
     model: nn.Module,
     bundle: DataBundle,
-    fit: FitConfig,
-    seed: int,
+    fit: FitConfig | dict[str, Any] | None = None,
+    seed: int = 0,
     *,
     label: str = "teacher",
     progress: bool = True,
+    known: dict[int, Tensor] | None = None,
 ) -> nn.Module:
     """Train ``model`` on the labels of ``bundle.train`` with the Distiller and a ``ce`` term.
 
     Causal LMs learn next-token prediction. An encoder classifier whose encoder is frozen
-    trains only its head, on pooled features computed once (the encoder pass is the cost).
+    trains only its head, on pooled features computed once (the encoder pass is the cost);
+    then, when ``known`` is given, it receives the fitted model's output for every training
+    example id (what an online teacher would compute again during distillation).
+    ``fit``: a :class:`FitConfig` or its keys (``epochs``, ``lr``, ``batch_size``,
+    ``weight_decay``); returns ``model`` in eval mode.
     """
+    fit = fit if isinstance(fit, FitConfig) else FitConfig(**(fit or {}))
     data, task = bundle.train, bundle.info.task
     collate = bundle.collate or default_collate
     trainee: nn.Module = model
@@ -191,6 +197,11 @@ def fit_on_labels(
         log_every=max(steps, 1),
         progress=progress,
     ).fit()
+    if known is not None and isinstance(data, TensorDataset) and trainee is not model:
+        with torch.no_grad():
+            trainee.eval()
+            out = torch.cat([trainee(data.inputs[i : i + 1024]) for i in range(0, len(data), 1024)])
+        known.update({int(i): z for i, z in zip(data.ids, out.float())})
     return model.eval()
 
 
@@ -228,6 +239,7 @@ class Assembly:
         self._student: nn.Module | None = None
         self._modules: dict[str, nn.Module] = {}
         self._fitted: dict[str, tuple[nn.Module, TeacherConfig, str]] = {}
+        self._known: dict[int, dict[int, Tensor]] = {}  # id(module) -> outputs per example id
         self._source: TeacherSource | None = None
 
     # ------------------------------------------------------------------ data, task, objective
@@ -306,15 +318,22 @@ class Assembly:
             if meta.exists() and meta.read_text() == key:
                 model = load_model(folder)[0]
                 self._fitted[key] = (model, tc, key)
+                known = _read_known(folder)
+                if known:
+                    self._known[id(model)] = known
                 return model
         set_seed(self.cfg.train.seed)
         model = build_model(tc.builder, tc.params, self.data.info, data=self.data.train)
         if architecture_only:
             return model
+        known: dict[int, Tensor] = {}
         fit_on_labels(
-            model, self.data, tc.fit, self.cfg.train.seed, progress=self.cfg.train.progress
-        )
-        _save_fitted(model, shared_teachers() / key, tc, self.data, key)
+            model, self.data, tc.fit, self.cfg.train.seed,
+            progress=self.cfg.train.progress, known=known,
+        )  # fmt: skip
+        if known:
+            self._known[id(model)] = known
+        _save_fitted(model, shared_teachers() / key, tc, self.data, key, known)
         self._fitted[key] = (model, tc, key)
         return model
 
@@ -324,7 +343,7 @@ class Assembly:
             folder = run_dir / "teacher"
             if (folder / "fit_key.txt").exists() and (folder / "fit_key.txt").read_text() == key:
                 continue
-            _save_fitted(model, folder, tc, self.data, key)
+            _save_fitted(model, folder, tc, self.data, key, self._known.get(id(model)))
             break  # one teacher per run directory (ensemble members stay in the shared cache)
 
     # ------------------------------------------------------------------ student and source
@@ -364,6 +383,12 @@ class Assembly:
         if self._modules:
             return next(iter(self._modules.values()))
         return None
+
+    def known_outputs(self, tc: TeacherConfig | None = None) -> dict[int, Tensor] | None:
+        """The fitted teacher's outputs on the training set, when fitting computed them."""
+        if not self.has_module(tc):
+            return None
+        return self._known.get(id(self.module(tc)))
 
     def expected_provenance(self) -> dict[str, Any]:
         """What a teacher cache must match to train this recipe: teacher, tokenizer, data."""
@@ -410,12 +435,27 @@ def shared_teachers() -> Path:
     return cache_root().parent / "teachers"
 
 
+KNOWN_FILE = "train_outputs.safetensors"
+
+
 def _save_fitted(
-    model: nn.Module, folder: Path, tc: TeacherConfig, bundle: DataBundle, key: str
+    model: nn.Module,
+    folder: Path,
+    tc: TeacherConfig,
+    bundle: DataBundle,
+    key: str,
+    known: dict[int, Tensor] | None = None,
 ) -> None:
+    """Write a fitted teacher (and its known training-set outputs) to ``folder`` atomically."""
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_model(model, tmp, tc.builder or "", tc.params, bundle.info)
+    if known:
+        from safetensors.torch import save_file
+
+        ids = sorted(known)
+        tensors = {"ids": torch.tensor(ids), "outputs": torch.stack([known[i] for i in ids])}
+        save_file(tensors, str(tmp / KNOWN_FILE))
     (tmp / "fit_key.txt").write_text(key)
     if folder.exists():
         if not (folder / "fit_key.txt").exists():
@@ -424,6 +464,16 @@ def _save_fitted(
             )
         shutil.rmtree(folder)
     tmp.replace(folder)
+
+
+def _read_known(folder: Path) -> dict[int, Tensor] | None:
+    f = folder / KNOWN_FILE
+    if not f.exists():
+        return None
+    from safetensors.torch import load_file
+
+    t = load_file(str(f))
+    return {int(i): z for i, z in zip(t["ids"].tolist(), t["outputs"])}
 
 
 def recipe_provenance(
@@ -458,8 +508,14 @@ class RunResult:
     teacher: nn.Module | None
 
 
-def distill(cfg: RunConfig, *, resume: bool = False, quiet: bool = False) -> RunResult:
-    """Run the whole recipe: data, teacher, student, training, held-out evaluation."""
+def distill(
+    cfg: RunConfig, *, resume: bool = False, quiet: bool = False, final: bool = True
+) -> RunResult:
+    """Run the whole recipe: data, teacher, student, training, held-out evaluation.
+
+    ``final=False`` skips ``final_metrics.json`` (``mentor demo`` evaluates every model
+    together afterwards and writes it from that evaluation).
+    """
     Distiller.check_output(cfg, resume)  # before anything is built or written
     set_seed(cfg.train.seed)
     asm = Assembly(cfg)
@@ -497,9 +553,26 @@ def distill(cfg: RunConfig, *, resume: bool = False, quiet: bool = False) -> Run
     )
     run_dir = distiller.fit(resume=resume)
     asm.save_fitted_teachers(run_dir)
-    metrics = {**before, **asm.final_metrics(student, asm.teacher_for_metrics())}
-    (run_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
+    metrics = dict(before)
+    if final:
+        metrics.update(asm.final_metrics(student, asm.teacher_for_metrics()))
+        write_final_metrics(run_dir, metrics)
     return RunResult(run_dir, metrics, student, t_module)
+
+
+def write_final_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
+    """``RUN/final_metrics.json``, written atomically."""
+    tmp = run_dir / "final_metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=2))
+    tmp.replace(run_dir / "final_metrics.json")
+
+
+def final_metrics_from_eval(ev: dict[str, Any], student: str = "student") -> dict[str, Any]:
+    """The ``final_metrics.json`` headline of one student from a ``mentor eval`` result."""
+    res = {"student": ev["models"][student]}
+    if "teacher" in ev["models"]:
+        res["teacher"] = ev["models"]["teacher"]
+    return get_task(ev["task"]).summary(res)
 
 
 @dataclass

@@ -220,8 +220,8 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _objective_losses(self) -> RunConfig:
-        from mentor.engine.schedules import check_schedules
         from mentor.losses import Objective
+        from mentor.losses.schedules import check_schedules
 
         try:
             check_schedules(self.train.schedules, Objective(self.objective))

@@ -11,7 +11,7 @@ from typing import Any
 from rich.table import Table
 
 from mentor._console import console
-from mentor.assembly import distill, evaluate_run
+from mentor.assembly import distill, evaluate_run, final_metrics_from_eval, write_final_metrics
 from mentor.config import load_config
 from mentor.recipes import smoke_overrides
 from mentor.report.build import build_report, summary_rows
@@ -31,16 +31,19 @@ def recipe_demo(
     common = ["output.overwrite=true", *smoke_args, *(extra or [])]
     cfg = load_config(recipe, [f"output.dir={out}/distilled", *common])
     console.rule(f"[bold]mentor demo: {cfg.name}[/] — 1/4 teacher and distilled student")
-    kd = distill(cfg)
+    kd = distill(cfg, final=False)  # every model is evaluated together in step 3
     base_dir = None
     if baseline is not None:
         console.rule("2/4 the same student trained without the teacher (same steps)")
         base_cfg = load_config(
             recipe, [f"output.dir={out}/no_kd", f"objective={baseline}", *common]
         )
-        base_dir = distill(base_cfg, quiet=True).run_dir
+        base_dir = distill(base_cfg, quiet=True, final=False).run_dir
     console.rule("3/4 evaluation: quality, agreement, calibration, size, latency")
     ev = evaluate_run(kd.run_dir, baseline=base_dir)
+    write_final_metrics(kd.run_dir, {**kd.metrics, **final_metrics_from_eval(ev)})
+    if base_dir is not None:
+        write_final_metrics(base_dir, final_metrics_from_eval(ev, "student_no_kd"))
     console.rule("4/4 report")
     report = build_report(kd.run_dir)
     header, rows = summary_rows(ev)

@@ -30,9 +30,9 @@ from torch.utils.data import Dataset, default_collate
 
 from mentor.config import RunConfig, TrainConfig, dump_config
 from mentor.engine import checkpoint as ckpt
-from mentor.engine.schedules import apply_schedules, check_schedules, lr_lambda
 from mentor.losses import Objective
 from mentor.losses.objective import FusedHead
+from mentor.losses.schedules import apply_schedules, check_schedules, lr_lambda
 from mentor.models import model_outputs
 from mentor.models.taps import FeatureTaps
 from mentor.progress import Progress
@@ -359,6 +359,7 @@ class Distiller:
                 # 5. log, evaluate, checkpoint
                 if step % t.log_every == 0 or step == total:
                     rec = {k: v / log_n for k, v in log_acc.items()}
+                    rec.update({f"{k}.t": v for k, v in objective.taid_t().items()})  # TAID
                     rec.update(
                         step=step,
                         epoch=round(step / steps_per_epoch, 4),

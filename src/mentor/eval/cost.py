@@ -64,9 +64,9 @@ def time_batches(
     batch_size: int,
     *,
     collate: Callable[[list[Any]], dict[str, Any]] = default_collate,
-    warmup: int = 2,
-    repeats: int = 7,
-    max_seconds: float = 20.0,
+    warmup: int = 1,
+    repeats: int = 5,
+    max_seconds: float = 8.0,
 ) -> dict[str, float]:
     """Median/min/max seconds of a forward pass on one batch of ``batch_size`` examples."""
     model.eval()
@@ -120,7 +120,7 @@ def measure_cost(
 ) -> dict[str, Any]:
     """Parameters, size, latency per example at batch 1, throughput at a larger batch."""
     b1 = time_batches(model, data, 1, collate=collate)
-    bn = time_batches(model, data, throughput_batch, collate=collate, repeats=5)
+    bn = time_batches(model, data, throughput_batch, collate=collate, repeats=3)
     return {
         "params": parameter_count(model),
         "size_bytes": size_on_disk(model),

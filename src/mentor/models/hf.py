@@ -6,7 +6,6 @@ logits, classifiers ``[B, C]`` logits, embedders ``[B, D]`` L2-normalised senten
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -250,11 +249,6 @@ def load_hf(folder: Path, meta: dict[str, Any]) -> nn.Module:
     model = ADAPTERS[kind](encoder, **meta.get("args", {}))
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
     return model
-
-
-def read_meta(folder: Path) -> dict[str, Any]:
-    """The ``mentor_model.json`` of a saved model folder."""
-    return json.loads((Path(folder) / "mentor_model.json").read_text())
 
 
 __all__ = [

@@ -64,6 +64,9 @@ class SourceContext(Protocol):
     def expected_provenance(self) -> dict[str, Any]:
         """What a teacher cache must match to train this recipe."""
 
+    def known_outputs(self, tc: Any = None) -> dict[int, Tensor] | None:
+        """Outputs of the teacher module already computed per example id (or None)."""
+
 
 class TeacherSource:
     """Base interface. Subclasses implement ``__call__``; the hooks default to no-ops."""

@@ -3,13 +3,13 @@ run's student as the teacher (``source: run``, born-again networks)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict
-from torch import nn
+from torch import Tensor, nn
 
 from mentor.models import model_outputs
 from mentor.models.taps import FeatureTaps
@@ -36,16 +36,30 @@ class OnlineTeacher(TeacherSource):
     @classmethod
     def from_config(cls, ctx: SourceContext) -> OnlineTeacher:
         """The recipe's teacher module, built (or fitted) once by the assembly layer."""
-        return cls(ctx.module(), precision=ctx.cfg.teacher.precision, taps=ctx.taps)
+        module = ctx.module()
+        known = ctx.known_outputs() if hasattr(ctx, "known_outputs") else None
+        return cls(module, precision=ctx.cfg.teacher.precision, taps=ctx.taps, known=known)
 
     def __init__(
-        self, module: nn.Module, *, precision: str = "fp32", taps: Sequence[str] = ()
+        self,
+        module: nn.Module,
+        *,
+        precision: str = "fp32",
+        taps: Sequence[str] = (),
+        known: Mapping[int, Tensor] | None = None,
     ) -> None:
-        """Freeze ``module``; ``taps`` are module paths whose outputs feature losses compare."""
+        """Freeze ``module``; ``taps`` are module paths whose outputs feature losses compare.
+
+        ``known``: outputs of this frozen module already computed for some example ids (e.g.
+        the training set, while a frozen-encoder teacher's head was fitted); a batch whose ids
+        are all known is answered from them instead of running the module.
+        """
         self.module = freeze(module)
         self.precision = precision
         self.taps = list(taps)
         self._hooks = FeatureTaps(self.module, self.taps, role="teacher") if self.taps else None
+        usable = known is not None and not self.taps and precision == "fp32"
+        self.known = dict(known) if usable else None
 
     def to(self, device: torch.device | str) -> OnlineTeacher:
         """Move the frozen module to ``device``."""
@@ -55,8 +69,12 @@ class OnlineTeacher(TeacherSource):
     @torch.no_grad()
     def __call__(self, batch: dict[str, Any]) -> TeacherOutput:
         """Run the teacher (bf16 autocast when ``precision='bf16'``)."""
-        self.module.eval()
         dev = next(self.module.parameters(), torch.empty(0)).device
+        if self.known is not None and "index" in batch:
+            ids = [int(i) for i in batch["index"]]
+            if all(i in self.known for i in ids):
+                return TeacherOutput(logits=torch.stack([self.known[i] for i in ids]).to(dev))
+        self.module.eval()
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             logits = model_outputs(self.module, batch)
         feats = self._hooks.pop() if self._hooks else {}
