@@ -665,10 +665,10 @@ def cache_recipe(
         raise ValueError(f"--splits {','.join(splits)}: choose from train, val")
     asm = Assembly(cfg)
     src = asm.source_class
-    if src.name == "run":
-        teacher = src.load(cfg.teacher)  # type: ignore[attr-defined]
-    elif (src.uses_module or src.name == "cache") and asm.has_module():
-        teacher = asm.module()
+    if src.cacheable and not src.uses_module:  # e.g. a previous run's student
+        teacher = src.from_config(asm).module  # type: ignore[attr-defined]
+    elif (src.cacheable or src.name == "cache") and asm.has_module():
+        teacher = asm.module()  # a recipe already reading a cache re-creates it from its module
     else:
         raise ValueError(
             f"mentor cache runs the recipe's own teacher (teacher.builder or teacher.path, or "
