@@ -21,7 +21,9 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,8 @@ from mentor._console import err as console
 from mentor.config import FitConfig, RunConfig, TeacherConfig, load_config
 from mentor.data import DataBundle, TensorDataset, build_data
 from mentor.engine import Distiller
+from mentor.engine.checkpoint import verify as verify_folder
+from mentor.engine.checkpoint import write_checksums
 from mentor.engine.loop import OUTPUT_TAP
 from mentor.losses import Objective
 from mentor.models.assets import cache_root
@@ -316,6 +320,14 @@ class Assembly:
         for folder in places:
             meta = folder / "fit_key.txt"
             if meta.exists() and meta.read_text() == key:
+                legacy = not (folder / "checksums.json").exists()  # saved before checksums
+                problems = [] if legacy else verify_folder(folder)
+                if problems:
+                    console.print(
+                        f"fitted teacher in {folder} is damaged ({'; '.join(problems)}): "
+                        "not used", highlight=False,
+                    )  # fmt: skip
+                    continue
                 model = load_model(folder)[0]
                 self._fitted[key] = (model, tc, key)
                 known = _read_known(folder)
@@ -326,6 +338,9 @@ class Assembly:
         model = build_model(tc.builder, tc.params, self.data.info, data=self.data.train)
         if architecture_only:
             return model
+        rank = int(os.environ.get("RANK", "0"))
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and rank != 0:
+            return self._wait_for_fit(places[-1], key)  # only rank 0 fits and writes
         known: dict[int, Tensor] = {}
         fit_on_labels(
             model, self.data, tc.fit, self.cfg.train.seed,
@@ -335,6 +350,18 @@ class Assembly:
             self._known[id(model)] = known
         _save_fitted(model, shared_teachers() / key, tc, self.data, key, known)
         self._fitted[key] = (model, tc, key)
+        return model
+
+    def _wait_for_fit(self, folder: Path, key: str, timeout_s: float = 6 * 3600) -> nn.Module:
+        """Other processes of a multi-process run load the teacher rank 0 fitted."""
+        t0 = time.monotonic()
+        meta = folder / "fit_key.txt"
+        while not (meta.exists() and meta.read_text() == key):
+            if time.monotonic() - t0 > timeout_s:
+                raise TimeoutError(f"waited {timeout_s:.0f} s for rank 0 to fit the teacher")
+            time.sleep(1.0)
+        model = load_model(folder)[0]
+        self._fitted[key] = (model, self.cfg.teacher, key)
         return model
 
     def save_fitted_teachers(self, run_dir: Path) -> None:
@@ -457,6 +484,7 @@ def _save_fitted(
         tensors = {"ids": torch.tensor(ids), "outputs": torch.stack([known[i] for i in ids])}
         save_file(tensors, str(tmp / KNOWN_FILE))
     (tmp / "fit_key.txt").write_text(key)
+    write_checksums(tmp)
     if folder.exists():
         if not (folder / "fit_key.txt").exists():
             raise FileExistsError(
@@ -552,6 +580,8 @@ def distill(
         collate_fn=asm.collate,
     )
     run_dir = distiller.fit(resume=resume)
+    if int(os.environ.get("RANK", "0")) != 0:  # shared artifacts are written by rank 0
+        return RunResult(run_dir, dict(before), student, t_module)
     asm.save_fitted_teachers(run_dir)
     metrics = dict(before)
     if final:

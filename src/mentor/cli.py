@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from collections.abc import Sequence
@@ -270,10 +271,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return args.fn(args)
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError, TypeError) as e:
+    except (ValueError, KeyError, OSError, TypeError) as e:
         if os.environ.get("MENTOR_DEBUG"):
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        if isinstance(e, OSError) and not isinstance(e, (FileNotFoundError, FileExistsError)):
+            what = {
+                errno.ENOSPC: "the disk is full",
+                errno.EACCES: "permission denied",
+                errno.EROFS: "the file system is read-only",
+            }.get(e.errno, e.strerror or "")
+            msg = f"cannot write or read {e.filename or 'a file'}: {what or e}"  # fmt: skip
         err.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
         err.print("(set MENTOR_DEBUG=1 for the full traceback)", style="dim")
         return 2

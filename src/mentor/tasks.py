@@ -50,6 +50,7 @@ class Task:
 
     name: ClassVar[str] = ""
     per_token: ClassVar[bool] = False
+    eval_metrics: ClassVar[tuple[str, ...]] = ()  # held-out metrics besides the loss terms
 
     def loss_view(
         self, logits: Any, teacher_logits: Any, batch: Mapping[str, Any]
@@ -126,6 +127,7 @@ class Classification(Task):
     """One label per example; the loss counts rows whose label is not -100."""
 
     name = "classification"
+    eval_metrics = ("accuracy", "agreement")
 
     def accumulator(self, num_classes: int | None = None) -> Accumulator:
         """Accuracy, CE, macro-F1, calibration, confusion, and fidelity to the teacher."""
@@ -193,6 +195,7 @@ class CausalLM(Task):
 
     name = "causal_lm"
     per_token = True
+    eval_metrics = ("perplexity", "agreement")
 
     def loss_view(
         self, logits: Any, teacher_logits: Any, batch: Mapping[str, Any]
@@ -257,6 +260,7 @@ class Embedding(Task):
     """Sentence embeddings: fidelity is cosine to the teacher; quality a linear probe."""
 
     name = "embedding"
+    eval_metrics = ("cosine_to_teacher",)
 
     def accumulator(self, num_classes: int | None = None) -> Accumulator:
         """Cosine to the teacher (the linear probe is added by :func:`heldout`)."""

@@ -30,6 +30,7 @@ from torch.utils.data import Dataset, default_collate
 
 from mentor.config import RunConfig, TrainConfig, dump_config
 from mentor.engine import checkpoint as ckpt
+from mentor.engine import rundir
 from mentor.losses import Objective
 from mentor.losses.objective import FusedHead
 from mentor.losses.schedules import apply_schedules, check_schedules, lr_lambda
@@ -121,6 +122,44 @@ def count_positions(batch: dict[str, Any], task: str | Task) -> int:
     return (get_task(task) if isinstance(task, str) else task).count_positions(batch)
 
 
+class NonFiniteError(ValueError):
+    """The loss or the gradient became NaN/inf; the message names the step and the terms."""
+
+
+class _LocalAccelerator:
+    """The few Accelerator calls the loop makes, for one process (fitting a teacher inside a
+    multi-process run must not join the other processes' collectives)."""
+
+    process_index, num_processes, is_main_process = 0, 1, True
+
+    def __init__(self) -> None:
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def prepare(self, *objs: Any) -> Any:
+        return tuple(o.to(self.device) if isinstance(o, nn.Module) else o for o in objs)
+
+    def reduce(self, x: Tensor, _op: str) -> Tensor:
+        return x
+
+    def backward(self, loss: Tensor) -> None:
+        loss.backward()
+
+    def no_sync(self, _model: nn.Module) -> Any:
+        return nullcontext()
+
+    def autocast(self) -> Any:
+        return nullcontext()
+
+    def clip_grad_norm_(self, params: Any, max_norm: float) -> Tensor:
+        return torch.nn.utils.clip_grad_norm_(list(params), max_norm)
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+    def print(self, *args: Any) -> None:
+        print(*args)
+
+
 class Distiller:
     """Train ``student`` to imitate ``teacher`` under ``objective``.
 
@@ -181,6 +220,19 @@ class Distiller:
             )
         check_schedules(config.train.schedules, objective)
         self.model = DistillModule(student, objective, self.task, config.train.fused_loss_chunk)
+        es = config.eval.early_stopping
+        if es is not None and write_run:
+            known = [*objective.terms, "loss", *self.task.eval_metrics]
+            if es.metric not in known:
+                raise ValueError(
+                    f"eval.early_stopping.metric={es.metric!r} is not computed; available: "
+                    f"{', '.join(sorted(known))}"
+                )
+            if val_data is None or not config.eval.every:
+                raise ValueError(
+                    "eval.early_stopping needs held-out data and eval.every (steps between "
+                    "evaluations)"
+                )
         # with a fused student head, an online causal-LM teacher's logits are fused too: its
         # hidden states and head go to the loss, which computes them chunk by chunk
         self._teacher_head = (
@@ -235,39 +287,100 @@ class Distiller:
         return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
 
     @staticmethod
-    def check_output(cfg: RunConfig, resume: bool) -> None:
-        """Refuse to start a new run in a directory that holds one (unless overwriting)."""
-        out = Path(cfg.output.dir)
-        exists = (out / "metrics.jsonl").exists() or (out / "checkpoints").exists()
-        if exists and not resume and not cfg.output.overwrite:
-            raise FileExistsError(
-                f"run directory {out} already holds a run: continue it with --resume, "
-                f"or set output.overwrite=true, or choose another output.dir"
-            )
+    def check_output(cfg: RunConfig, resume: bool) -> list[tuple[str, Any, Any]]:
+        """Refuse a run that would lose or mix data, before anything is built or written
+        (see :mod:`mentor.engine.rundir`); returns the changes a resumed run may make."""
+        return rundir.check_output(cfg, resume)
 
-    def _prepare_dir(self, resume: bool) -> None:
-        self.check_output(self.cfg, resume)
-        exists = (self.out / "metrics.jsonl").exists() or (self.out / "checkpoints").exists()
-        if exists and not resume:
-            ckpt.clear_run(self.out)
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.yaml").write_text(dump_config(self.cfg))
+    def _prepare_dir(self, resume: bool) -> Path | None:
+        """Create (or continue) the run directory; an overwritten run is moved aside."""
+        out, moved = self.out, None
+        if not resume and out.exists() and any(out.iterdir()):  # allowed by check_output
+            moved = rundir.move_aside(out)
+            print(f"output.overwrite: the previous run in {out} was moved to {moved}")
+        out.mkdir(parents=True, exist_ok=True)
+        if not (out / rundir.MARKER).exists():
+            rundir.write_marker(out)
+        tmp = out / "config.yaml.tmp"
+        tmp.write_text(dump_config(self.cfg))
+        tmp.replace(out / "config.yaml")
+        return moved
+
+    def _apply_resume_changes(
+        self, acc: Any, changes: list[tuple[str, Any, Any]], optimizer: Any, scheduler: Any,
+        step: int,
+    ) -> None:  # fmt: skip
+        """Announce what a resumed run changes; a new ``train.lr`` is applied from here on."""
+        for key, old, new in changes:
+            if key == "train.lr":
+                scheduler.base_lrs = [float(new)] * len(scheduler.base_lrs)
+                for g, fn in zip(optimizer.param_groups, scheduler.lr_lambdas):
+                    g["initial_lr"] = float(new)
+                    g["lr"] = float(new) * fn(scheduler.last_epoch)
+                acc.print(f"--resume: train.lr {old} -> {new}, applied from step {step}")
+            elif key in ("train.max_steps", "train.epochs"):
+                acc.print(
+                    f"--resume: {key} {old} -> {new}: training continues to the new length "
+                    "(the learning-rate schedule follows the new total)"
+                )
+            else:
+                acc.print(f"--resume: {key} {old!r} -> {new!r}")
+
+    def _non_finite(
+        self, step: int, terms: dict[str, Tensor], n: float, norm: Any, scheduler: Any
+    ) -> None:
+        """Stop at the first non-finite loss or gradient, naming the step and the terms."""
+        vals = {k: float(v) / n for k, v in terms.items()}
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in vals.items())
+        found = ckpt.list_checkpoints(self.out) if self.write_run else []
+        last = f"the last checkpoint ({found[-1].name}) is kept" if found else "no checkpoint yet"
+        raise NonFiniteError(
+            f"step {step}: the loss or its gradient is not finite ({shown}; gradient norm "
+            f"{float(norm):.4g}); training stopped before the optimizer step and nothing of "
+            f"this step was saved; {last}. Try a lower train.lr (now "
+            f"{scheduler.get_last_lr()[0]:.3g}), train.grad_clip (now {self.cfg.train.grad_clip}),"
+            " or check the data; then --resume (train.lr may change on resume)"
+        )
 
     # ------------------------------------------------------------------ the loop
     def fit(self, resume: bool = False) -> Path:
         """Train; return the run directory. ``resume=True`` continues from the last checkpoint."""
         t = self.cfg.train
         _check_trackers(self.cfg.output.trackers)
-        acc = Accelerator(
-            cpu=not torch.cuda.is_available(),  # multi-process CPU runs use gloo
-            mixed_precision="bf16" if t.precision == "bf16" else "no",
-            log_with=list(self.cfg.output.trackers) or None,
-            project_dir=str(self.out),
-        )
-        rank, world, main = acc.process_index, acc.num_processes, acc.is_main_process
+        changes = rundir.check_output(self.cfg, resume) if self.write_run else []
+        if self.write_run:
+            acc: Any = Accelerator(
+                cpu=not torch.cuda.is_available(),  # multi-process CPU runs use gloo
+                mixed_precision="bf16" if t.precision == "bf16" else "no",
+                log_with=list(self.cfg.output.trackers) or None,
+                project_dir=str(self.out),
+            )
+        else:  # fitting a teacher: one process, no run directory
+            acc = _LocalAccelerator()
+        main = acc.is_main_process
+        moved: Path | None = None
         if main and self.write_run:
-            self._prepare_dir(resume)
+            moved = self._prepare_dir(resume)
         acc.wait_for_everyone()
+        try:
+            return self._fit(acc, resume, changes)
+        except BaseException:
+            if main and self.write_run and not resume and not ckpt.list_checkpoints(self.out):
+                self._undo_new_run(moved)  # nothing worth keeping: leave the disk as it was
+            raise
+
+    def _undo_new_run(self, moved: Path | None) -> None:
+        """Remove a new run that failed before its first checkpoint; restore the old one."""
+        import shutil
+
+        if (self.out / rundir.MARKER).exists():
+            shutil.rmtree(self.out, ignore_errors=True)
+        if moved is not None and not self.out.exists():
+            moved.rename(self.out)
+
+    def _fit(self, acc: Any, resume: bool, changes: list[tuple[str, Any, Any]]) -> Path:
+        t = self.cfg.train
+        rank, world, main = acc.process_index, acc.num_processes, acc.is_main_process
         set_seed(t.seed + rank)
         total = self.total_steps(world)
         steps_per_epoch = self._steps_per_epoch(world)
@@ -292,9 +405,16 @@ class Distiller:
                 acc.print(f"no checkpoint in {self.out}/checkpoints: starting from step 0")
             else:
                 state.update(loaded)
-                if main:
-                    ckpt.truncate_metrics(self.out / "metrics.jsonl", state["step"])
+                self._apply_resume_changes(acc, changes, optimizer, scheduler, state["step"])
+            if main:  # records after the checkpoint are logged again; a torn line is dropped
+                dropped = ckpt.truncate_metrics(self.out / "metrics.jsonl", state["step"])
+                if dropped:
+                    acc.print(f"metrics.jsonl: {dropped} record(s) after step {state['step']} "
+                              "dropped (they are logged again)")  # fmt: skip
         apply_schedules(t.schedules, objective, state["step"])
+        ck_minutes = getattr(t, "checkpoint_minutes", None)
+        last_ck, ck_cost = time.perf_counter(), 0.0
+        ck_total = 0.0
 
         stop_signal: list[int] = []
         old_handlers = _install_signal_handlers(stop_signal) if self.write_run else {}
@@ -336,9 +456,15 @@ class Distiller:
                     for k, v in terms.items():
                         step_terms[k] = step_terms.get(k, 0.0) + v.detach().float() * counts[i]
 
-                # 3. optimizer step
-                if t.grad_clip is not None:
-                    acc.clip_grad_norm_(model.parameters(), t.grad_clip)
+                # 3. optimizer step, unless the loss or the gradient is not finite (then stop)
+                clip = t.grad_clip if t.grad_clip is not None else float("inf")
+                norm = acc.clip_grad_norm_(model.parameters(), clip)
+                bad = not all(bool(torch.isfinite(v).all()) for v in step_terms.values())
+                bad = bad or not bool(torch.isfinite(torch.as_tensor(norm)).all())
+                if world > 1:  # every process stops together
+                    bad = bool(acc.reduce(torch.tensor(float(bad), device=acc.device), "max"))
+                if bad:
+                    self._non_finite(state["step"] + 1, step_terms, n_global, norm, scheduler)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -365,6 +491,7 @@ class Distiller:
                         epoch=round(step / steps_per_epoch, 4),
                         lr=scheduler.get_last_lr()[0],
                         elapsed_s=round(time.perf_counter() - t0, 3),
+                        checkpoint_s=round(ck_total, 3),
                     )
                     self._log(acc, {"kind": "train", **rec})
                     log_acc, log_n = {}, 0
@@ -376,8 +503,20 @@ class Distiller:
                     if hasattr(cb, "on_step_end"):
                         stop = bool(cb.on_step_end(self, step, values)) or stop
                 ck_every = t.checkpoint_every
-                if self.write_run and ((ck_every and step % ck_every == 0) or stop_signal or stop):
+                # time-based checkpoints: every checkpoint_minutes, and never more often than 20x
+                # the last save took (so saving costs at most ~5% of the run)
+                due = ck_minutes is not None and (
+                    time.perf_counter() - last_ck >= max(60 * ck_minutes, 20 * ck_cost)
+                )
+                if world > 1 and ck_minutes is not None:  # the same decision on every process
+                    due = bool(acc.reduce(torch.tensor(float(due), device=acc.device), "max"))
+                due = due or bool(ck_every and step % ck_every == 0) or bool(stop_signal)
+                if self.write_run and due and (step < total or stop_signal):
+                    c0 = time.perf_counter()
                     ckpt.save(self.out, acc, self.model, optimizer, scheduler, self.teacher, state)
+                    last_ck = time.perf_counter()
+                    ck_cost = last_ck - c0
+                    ck_total += ck_cost
                 if stop_signal:
                     acc.print(
                         f"signal {stop_signal[0]} received: checkpoint written at step {step}"
@@ -404,7 +543,7 @@ class Distiller:
         self.history.append(record)
         if acc.is_main_process and self.write_run:
             with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(ckpt.finite(record), allow_nan=False) + "\n")
         if self.cfg.output.trackers:
             acc.log(
                 {
