@@ -57,6 +57,39 @@ class TensorDataset(Dataset):
         return {"inputs": self.inputs[i], "labels": self.labels[i], "index": self.ids[i]}
 
 
+def class_counts_line(names: list[str], counts: Any, noun: str = "examples") -> str:
+    """``data: 1,780 examples, 5 classes: business 408, ...`` (first 10 classes shown).
+
+    Classes without examples are listed at the end, so an untrained class is never silent.
+    """
+    counts = [int(c) for c in counts]
+    shown = ", ".join(f"{n} {c:,}" for n, c in zip(names[:10], counts[:10]))
+    more = f", ... (+{len(names) - 10} more)" if len(names) > 10 else ""
+    line = f"data: {sum(counts):,} {noun}, {len(names)} classes: {shown}{more}"
+    empty = [n for n, c in zip(names, counts) if c == 0]
+    if empty:
+        tail = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+        line += f"; no examples of {len(empty)} class{'es' if len(empty) > 1 else ''}: {tail}"
+    return line
+
+
+def report_classes(names: list[str], counts: Any, noun: str = "examples") -> None:
+    """Print the class -> count line of a labelled dataset to stderr (once per load)."""
+    from rich.markup import escape
+
+    from mentor._console import err
+
+    err.print(escape(class_counts_line(names, counts, noun)), highlight=False, soft_wrap=True)
+
+
+def check_positive(key: str, value: Any, optional: bool = True) -> None:
+    """Refuse a count parameter (``data.params.<key>``) that is not a positive integer."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"data.params.{key}={value!r}: use a positive integer")
+
+
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic shuffled train/val index split."""
     perm = np.random.default_rng(seed).permutation(n)
