@@ -2,6 +2,7 @@ import pytest
 import yaml
 
 from mentor.config import ConfigError, apply_overrides, dump_config, load_config, parse_override
+from mentor.losses import Objective
 from mentor.recipes import list_recipes
 
 
@@ -105,3 +106,47 @@ def test_source_constraints():
         load_config("digits", ["teacher.source=cache"])
     with pytest.raises(ConfigError, match="at least two"):
         load_config("digits", ["teacher.source=ensemble"])
+
+
+def test_negative_objective_weight_is_refused_naming_the_term():
+    with pytest.raises(ConfigError) as e:
+        load_config("digits", ["objective.kd.weight=-0.5"])
+    msg = str(e.value)
+    assert "objective.kd.weight: -0.5 is negative" in msg and ">= 0" in msg
+    with pytest.raises(ValueError, match=r"objective.ce.weight: -1 is negative"):
+        Objective({"kd": {"weight": 1.0}, "ce": {"weight": -1}})
+    with pytest.raises(ValueError, match=r"objective.kd.weight: 'abc' is not a number"):
+        Objective({"kd": {"weight": "abc"}})
+    with pytest.raises(ValueError, match=r"objective.kd.weight: inf is not a finite number"):
+        Objective({"kd": {"weight": float("inf")}})
+    with pytest.raises(ConfigError, match=r"objective.kd.weight: None is not a number"):
+        load_config("digits", ["objective.kd.weight=null"])
+
+
+def test_all_zero_objective_weights_are_refused_naming_the_terms():
+    with pytest.raises(ConfigError) as e:
+        load_config("digits", ["objective.kd.weight=0", "objective.ce.weight=0"])
+    msg = str(e.value)
+    assert "every term has weight 0" in msg
+    assert "objective.kd.weight=0" in msg and "objective.ce.weight=0" in msg
+    with pytest.raises(ConfigError, match=r"every term has weight 0 \(objective.kd.weight=0\)"):
+        load_config({"objective": {"kd": {"weight": 0}}})
+
+
+def test_zero_weight_on_one_term_or_ramped_up_is_allowed():
+    cfg = load_config("digits", ["objective.kd.weight=0"])
+    assert cfg.objective["kd"]["weight"] == 0 and cfg.objective["ce"]["weight"] == 0.1
+    assert Objective(cfg.objective).weights == {"kd": 0.0, "ce": 0.1}
+    ramp = "train.schedules.kd.weight={start: 0, end: 1, steps: 5}"
+    cfg = load_config({"objective": {"kd": {"weight": 0}}}, [ramp])
+    assert cfg.train.schedules["kd"]["weight"].end == 1
+    # ramped down to 0 from a positive start is fine too; a negative ramp is not
+    load_config(
+        {"objective": {"kd": {"weight": 0}}}, [ramp.replace("start: 0, end: 1", "start: 1, end: 0")]
+    )
+    with pytest.raises(
+        ConfigError, match=r"train.schedules.kd.weight.start: weight -1.0 of term 'kd' is negative"
+    ):
+        load_config("digits", [ramp.replace("start: 0", "start: -1")])
+    with pytest.raises(ConfigError, match="every term has weight 0"):
+        load_config({"objective": {"kd": {"weight": 0}}}, [ramp.replace("end: 1", "end: 0")])

@@ -2,13 +2,21 @@
 
 Every key is validated when the config is loaded. Unknown keys fail with a did-you-mean hint,
 bad values name the field, the value and what is allowed.
+
+Values are read as YAML, except that a field whose type is text (``str`` or a ``Literal`` of
+strings, e.g. ``name``, ``output.dir``, ``teacher.cache``, ``teacher.cache_check``) keeps the
+text as written: YAML 1.1 would otherwise turn ``off``/``no``/``yes`` into booleans and
+``2024`` into a number. Numeric, boolean, list and mapping fields (and the free-form
+``params`` and ``objective`` sections) still get YAML values.
 """
 
 from __future__ import annotations
 
 import copy
+import types
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -155,6 +163,7 @@ class TrainConfig(_Strict):
     fused_loss_chunk: int | None = Field(None, ge=1)
     seed: int = 0
     checkpoint_every: int | None = Field(None, ge=1)
+    checkpoint_minutes: float | None = Field(1.0, gt=0)
     log_every: int = Field(10, ge=1)
     schedules: dict[str, dict[str, ScheduleConfig]] = Field(default_factory=dict)
     progress: bool = True
@@ -224,10 +233,42 @@ class RunConfig(_Strict):
         from mentor.losses.schedules import check_schedules
 
         try:
-            check_schedules(self.train.schedules, Objective(self.objective))
+            objective = Objective(self.objective)
+            check_schedules(self.train.schedules, objective)
         except ValueError as e:
             raise ValueError(str(e)) from None
+        _check_weights(objective.weights, self.train.schedules)
         return self
+
+
+def _check_weights(weights: dict[str, float], schedules: dict[str, dict[str, Any]]) -> None:
+    """Refuse negative scheduled weights and an objective whose weights are all zero.
+
+    A term counts as active when its weight is positive, or when a schedule ramps its weight
+    from or to a positive value (a weight may start at 0 and be ramped up).
+    """
+    active = []
+    for term, w in weights.items():
+        ramp = schedules.get(term, {}).get("weight")
+        if ramp is not None:
+            for end in ("start", "end"):
+                v = getattr(ramp, end)
+                if not v >= 0:  # negative or NaN
+                    raise ValueError(
+                        f"train.schedules.{term}.weight.{end}: weight {v} of term {term!r} is "
+                        "negative or not a number; loss weights must be >= 0"
+                    )
+            if max(ramp.start, ramp.end) > 0:
+                active.append(term)
+        elif w > 0:
+            active.append(term)
+    if not active:
+        terms = ", ".join(f"objective.{t}.weight={weights[t]:g}" for t in weights)
+        raise ValueError(
+            f"objective: every term has weight 0 ({terms}), so the loss is always 0 and the "
+            "student would not learn; give at least one term a positive weight (or ramp it up "
+            "with train.schedules.<term>.weight)"
+        )
 
 
 # ----------------------------------------------------------------------------- loading
@@ -280,46 +321,255 @@ def _explain(err: ValidationError) -> str:
     return "invalid config:\n  " + "\n  ".join(lines)
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """Split ``a.b.c=value`` into a key path and a YAML-parsed value (never evaluated as code)."""
+_NONE = type(None)
+_YAML_FALSE = ("false", "no", "n", "off")
+_YAML_TRUE = ("true", "yes", "y", "on")
+
+
+def _union_args(ann: Any) -> tuple[Any, ...]:
+    if get_origin(ann) in (Union, types.UnionType):
+        return get_args(ann)
+    return (ann,)
+
+
+def _literal_values(ann: Any) -> list[Any]:
+    return [v for a in _union_args(ann) if get_origin(a) is Literal for v in get_args(a)]
+
+
+def _is_text(ann: Any) -> bool:
+    """Whether a field holds text: ``str``, a ``Literal`` of strings, optionally ``| None``."""
+    args = [a for a in _union_args(ann) if a is not _NONE]
+    return bool(args) and all(
+        a is str or (get_origin(a) is Literal and all(isinstance(v, str) for v in get_args(a)))
+        for a in args
+    )
+
+
+def _child(node: Any, part: Any) -> Any:
+    if isinstance(node, dict):
+        return node.get(part)
+    if isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+        return node[part]
+    return None
+
+
+def _teacher_option(key: str, section: Any) -> Any:
+    """Type of an extra ``teacher.<key>``: declared by the chosen source's ``Options`` model
+    (by every source declaring ``key`` when the source is not known yet)."""
+    import mentor.teachers  # noqa: F401  (registers every teacher source)
+    from mentor.teachers.base import SOURCES
+
+    source = section.get("source") if isinstance(section, dict) else None
+    names = [source] if isinstance(source, str) and source in SOURCES else SOURCES.names()
+    anns = []
+    for name in names:
+        field = SOURCES.get(name).Options.model_fields.get(key)
+        if field is not None:
+            anns.append(field.annotation)
+    if not anns:
+        return Any
+    if key == "members":  # an ensemble's members are teacher sections (see validate_options)
+        return list[TeacherConfig]
+    if all(_is_text(a) for a in anns) or len({repr(a) for a in anns}) == 1:
+        return anns[0]
+    return Any  # sources disagree on the type: leave the value to YAML
+
+
+def _annotation_at(path: Sequence[Any], data: Any) -> Any:
+    """The declared type of the config value at ``path`` (``Any`` where it is free-form).
+
+    ``data`` is the (raw) config mapping the path points into; it tells which teacher source
+    declares the extra ``teacher.*`` keys.
+    """
+    ann: Any = RunConfig
+    node = data
+    for part in path:
+        nxt: Any = Any
+        for a in _union_args(ann):
+            if isinstance(a, type) and issubclass(a, BaseModel):
+                field = a.model_fields.get(str(part))
+                if field is not None:
+                    nxt = field.annotation
+                elif issubclass(a, TeacherConfig):
+                    nxt = _teacher_option(str(part), node)
+                break
+            if get_origin(a) is dict and len(get_args(a)) == 2:
+                nxt = get_args(a)[1]
+                break
+            if get_origin(a) is list and get_args(a) and isinstance(part, int):
+                nxt = get_args(a)[0]
+                break
+        if nxt is Any:
+            return Any
+        ann, node = nxt, _child(node, part)
+    return ann
+
+
+def _keep_text(node: yaml.Node, value: Any, path: list[Any], context: Any) -> Any:
+    """``value`` (constructed from ``node``) with every plain scalar that YAML turned into a
+    bool, number or date given back as the text written, where the field at its path is text."""
+    if len(path) > 64:  # a recursive alias
+        return value
+    if isinstance(node, yaml.MappingNode) and isinstance(value, dict):
+        out = dict(value)
+        for knode, vnode in node.value:  # merge keys are already flattened, last one wins
+            key = knode.value if isinstance(knode, yaml.ScalarNode) else None
+            if key in value:
+                out[key] = _keep_text(vnode, value[key], [*path, key], context)
+        return out
+    if (
+        isinstance(node, yaml.SequenceNode)
+        and isinstance(value, list)
+        and len(node.value) == len(value)
+    ):
+        return [
+            _keep_text(n, v, [*path, i], context) for i, (n, v) in enumerate(zip(node.value, value))
+        ]
+    if (
+        isinstance(node, yaml.ScalarNode)
+        and node.style is None
+        and value is not None
+        and not isinstance(value, str)
+        and _is_text(_annotation_at(path, context))
+    ):
+        return node.value
+    return value
+
+
+def _load_yaml(text: str, base: Sequence[Any] = (), context: Any = None) -> Any:
+    """``yaml.safe_load(text)``, keeping text fields as written (see the module docstring).
+
+    ``base`` is where the document goes in the config and ``context`` the config it goes
+    into (default: the document itself).
+    """
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        value = loader.construct_document(node)
+    finally:
+        loader.dispose()
+    return _keep_text(node, value, list(base), value if context is None else context)
+
+
+def _split_override(text: str) -> tuple[list[str], str]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not of the form key=value (e.g. train.lr=3e-4)")
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key or any(not p for p in key.split(".")):
         raise ConfigError(f"override {text!r} has an empty key part")
+    return key.split("."), raw
+
+
+def _text_value(raw: str) -> Any:
+    """An override of a text field: the text as typed. A quoted YAML scalar (``'off'``) is
+    unquoted; ``null``/``~`` is None (clears an optional field, refused for the others)."""
+    text = raw.strip()
+    if not text:
+        return ""
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError:
-        value = raw
-    return key.split("."), value
+        return text
+    if isinstance(node, yaml.ScalarNode):
+        if node.style in ("'", '"'):
+            return yaml.safe_load(text)
+        if node.tag == "tag:yaml.org,2002:null":
+            return None
+    return text
+
+
+def _override_value(path: list[str], raw: str, context: Any) -> Any:
+    ann = _annotation_at(path, context)
+    if _is_text(ann):
+        return _text_value(raw)
+    if not raw.strip():
+        return ""
+    try:
+        return _load_yaml(raw, path, context)
+    except yaml.YAMLError:
+        return raw
+
+
+def parse_override(text: str, data: dict[str, Any] | None = None) -> tuple[list[str], Any]:
+    """Split ``a.b.c=value`` into a key path and its value (never evaluated as code).
+
+    Text fields (``name``, ``output.dir``, ``teacher.cache_check``, ...) keep the text as typed
+    (``teacher.cache_check=off`` is ``"off"``, ``output.dir=2024`` is ``"2024"``); other values
+    are parsed as YAML (``train.lr=3e-4``, ``train.progress=false``, ``x.params.layers=[0,5]``).
+    ``data``: the config the override applies to (it tells which teacher source declares an
+    extra ``teacher.*`` key).
+    """
+    path, raw = _split_override(text)
+    return path, _override_value(path, raw, data if data is not None else {})
+
+
+def _set(out: dict[str, Any], text: str, path: list[str], value: Any) -> None:
+    node = out
+    for i, part in enumerate(path[:-1]):
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        elif not isinstance(nxt, dict):
+            where = ".".join(path[: i + 1])
+            raise ConfigError(f"override {text!r}: {where} is a value, not a section")
+        node = nxt
+    if path[0] == "objective" and len(path) == 2 and value is None:
+        node.pop(path[-1], None)  # objective.kd=null removes the term
+    else:
+        node[path[-1]] = value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Return a copy of ``data`` with each dotted ``key=value`` override applied."""
+    """Return a copy of ``data`` with each dotted ``key=value`` override applied.
+
+    Values are typed by the field they set (see :func:`parse_override`); the config with every
+    override applied as YAML tells which teacher source the extra ``teacher.*`` keys belong to.
+    """
+    split = [(text, *_split_override(text)) for text in overrides]
+    if not split:
+        return copy.deepcopy(data)
+    draft = copy.deepcopy(data)
+    for text, path, raw in split:
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        _set(draft, text, path, value)
     out = copy.deepcopy(data)
-    for text in overrides:
-        path, value = parse_override(text)
-        node = out
-        for i, part in enumerate(path[:-1]):
-            nxt = node.get(part)
-            if nxt is None:
-                nxt = node[part] = {}
-            elif not isinstance(nxt, dict):
-                where = ".".join(path[: i + 1])
-                raise ConfigError(f"override {text!r}: {where} is a value, not a section")
-            node = nxt
-        if path[0] == "objective" and len(path) == 2 and value is None:
-            node.pop(path[-1], None)  # objective.kd=null removes the term
-        else:
-            node[path[-1]] = value
+    for text, path, raw in split:
+        _set(out, text, path, _override_value(path, raw, draft))
     return out
+
+
+def _switch_word(ann: Any, value: bool) -> str | None:
+    """The one allowed ``Literal`` word YAML 1.1 reads as ``value`` (``off`` for False)."""
+    spellings = _YAML_TRUE if value else _YAML_FALSE
+    words = [v for v in _literal_values(ann) if isinstance(v, str) and v.lower() in spellings]
+    return words[0] if len(words) == 1 else None
+
+
+def _bools_to_words(value: Any, path: list[Any], context: Any) -> Any:
+    """Booleans given to ``Literal`` fields that allow exactly one YAML 1.1 spelling of them
+    (``teacher.cache_check: False`` -> ``off``), for mappings that did not come from text."""
+    if isinstance(value, dict):
+        return {k: _bools_to_words(v, [*path, k], context) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_bools_to_words(v, [*path, i], context) for i, v in enumerate(value)]
+    if isinstance(value, bool) and len(path) < 64:
+        word = _switch_word(_annotation_at(path, context), value)
+        if word is not None:
+            return word
+    return value
 
 
 def validate(data: dict[str, Any]) -> RunConfig:
     """Validate a raw mapping into a ``RunConfig`` (errors are ``ConfigError``)."""
     if not isinstance(data, dict):
         raise ConfigError(f"a recipe must be a YAML mapping, got {type(data).__name__}")
+    data = _bools_to_words(data, [], data)
     try:
         return RunConfig.model_validate(data)
     except ValidationError as e:
@@ -327,16 +577,23 @@ def validate(data: dict[str, Any]) -> RunConfig:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping with safe_load, with file-named errors."""
+    """Read a recipe's YAML mapping (safe loader, text fields kept as written), with
+    file-named errors; an empty file is refused (it is not "all defaults")."""
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text())
+        data = _load_yaml(p.read_text())
     except FileNotFoundError:
         raise ConfigError(f"recipe file {str(p)!r} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"recipe file {str(p)!r} is a directory, not a YAML file") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"recipe file {str(p)!r} is not valid YAML: {e}") from None
     if data is None:
-        data = {}
+        raise ConfigError(
+            f"recipe file {str(p)!r} is empty (no keys, only blank lines or comments); write "
+            "the recipe's settings, or start from a shipped recipe (`mentor recipes` lists "
+            "them). For all defaults, write `{}`"
+        )
     if not isinstance(data, dict):
         raise ConfigError(f"recipe file {str(p)!r} must hold a mapping at the top level")
     return data

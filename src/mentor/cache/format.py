@@ -187,10 +187,34 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- verification
 
 
-def verify_cache(path: str | Path, *, checksums: bool = True) -> list[str]:
-    """Problems found in a cache (empty list = sound): manifest, files, sizes, rows, sha256."""
+def shard_problem(
+    root: str | Path, shard: Mapping[str, Any], *, checksums: bool = True
+) -> str | None:
+    """What is wrong with one shard listed in a manifest (None = sound): missing, wrong size,
+    sha256 mismatch (with ``checksums``), unreadable Parquet or another row count."""
     import pyarrow.parquet as pq
 
+    rel = shard["file"]
+    f = Path(root) / rel
+    if not f.is_file():
+        return f"{rel}: missing (expected {shard['rows']} rows)"
+    size = f.stat().st_size
+    if size != shard["bytes"]:
+        kind = "truncated" if size < shard["bytes"] else "wrong size"
+        return f"{rel}: {kind} ({size} bytes, manifest says {shard['bytes']})"
+    if checksums and sha256_file(f) != shard["sha256"]:
+        return f"{rel}: sha256 mismatch (the file was changed or corrupted)"
+    try:
+        rows = pq.ParquetFile(f).metadata.num_rows
+    except Exception as e:  # noqa: BLE001 - any decode failure is a corrupt shard
+        return f"{rel}: unreadable Parquet ({e})"
+    if rows != shard["rows"]:
+        return f"{rel}: {rows} rows, manifest says {shard['rows']}"
+    return None
+
+
+def verify_cache(path: str | Path, *, checksums: bool = True) -> list[str]:
+    """Problems found in a cache (empty list = sound): manifest, files, sizes, rows, sha256."""
     root = Path(path)
     try:
         m = read_manifest(root)
@@ -198,25 +222,9 @@ def verify_cache(path: str | Path, *, checksums: bool = True) -> list[str]:
         return [str(e)]
     problems = []
     for sh in m.get("shards", []):
-        f = root / sh["file"]
-        if not f.exists():
-            problems.append(f"{sh['file']}: missing (expected {sh['rows']} rows)")
-            continue
-        size = f.stat().st_size
-        if size != sh["bytes"]:
-            kind = "truncated" if size < sh["bytes"] else "wrong size"
-            problems.append(f"{sh['file']}: {kind} ({size} bytes, manifest says {sh['bytes']})")
-            continue
-        if checksums and sha256_file(f) != sh["sha256"]:
-            problems.append(f"{sh['file']}: sha256 mismatch (the file was changed or corrupted)")
-            continue
-        try:
-            rows = pq.ParquetFile(f).metadata.num_rows
-        except Exception as e:  # noqa: BLE001 - any decode failure is a corrupt shard
-            problems.append(f"{sh['file']}: unreadable Parquet ({e})")
-            continue
-        if rows != sh["rows"]:
-            problems.append(f"{sh['file']}: {rows} rows, manifest says {sh['rows']}")
+        problem = shard_problem(root, sh, checksums=checksums)
+        if problem is not None:
+            problems.append(problem)
     total = sum(sh["rows"] for sh in m.get("shards", []))
     if total != m.get("totals", {}).get("rows"):
         problems.append(

@@ -3,6 +3,11 @@
 Shards are opened lazily with ``pyarrow`` memory mapping and decoded one row group at a time
 (a small LRU keeps recent row groups), so each process reads only the examples it asks for.
 The store pickles without its open files, so DataLoader workers and ranks can share it.
+
+A shard that is missing, truncated or corrupt (a page checksum, decode or row-count failure)
+raises :class:`CacheError` naming the shard file and how to check (``mentor cache verify
+DIR``) and repair it (re-run the ``mentor cache`` command that made it). Opening checks sizes
+only; ``mentor cache verify`` also checks every shard's sha256.
 """
 
 from __future__ import annotations
@@ -56,15 +61,33 @@ class CacheStore:
         self._shards = self.manifest["shards"]
         for sh in self._shards:
             f = self.path / sh["file"]
-            if not f.exists():
-                raise CacheError(f"teacher cache {self.path}: shard {sh['file']} is missing")
+            if not f.is_file():
+                raise CacheError(
+                    f"teacher cache {self.path}: shard {sh['file']} is missing. {self._fix}"
+                )
             if f.stat().st_size != sh["bytes"]:
                 raise CacheError(
                     f"teacher cache {self.path}: shard {sh['file']} has "
                     f"{f.stat().st_size} bytes, manifest says {sh['bytes']} (truncated or "
-                    "replaced); run `mentor cache verify` and re-create the cache"
+                    f"replaced). {self._fix}"
                 )
         self._reset()
+
+    @property
+    def _fix(self) -> str:
+        return (
+            f"Run `mentor cache verify {self.path}` to check every shard, then re-run the "
+            f"`mentor cache ... --out {self.path}` command that made it: it recomputes only "
+            "the missing or corrupt shards"
+        )
+
+    def _corrupt(self, s: int, what: str, err: BaseException | str) -> CacheError:
+        detail = f"{type(err).__name__}: {err}" if isinstance(err, BaseException) else err
+        detail = " ".join(str(detail).split())  # pyarrow messages span several lines
+        return CacheError(
+            f"teacher cache {self.path}: shard {self._shards[s]['file']} is corrupt "
+            f"({what}: {detail}). {self._fix}"
+        )
 
     def _reset(self) -> None:
         self._files: dict[int, pq.ParquetFile] = {}
@@ -86,24 +109,43 @@ class CacheStore:
     def _file(self, s: int) -> pq.ParquetFile:
         f = self._files.get(s)
         if f is None:
-            f = pq.ParquetFile(self.path / self._shards[s]["file"], memory_map=True)
-            md = f.metadata
-            starts = [0]
-            for g in range(md.num_row_groups):
-                starts.append(starts[-1] + md.row_group(g).num_rows)
+            path = self.path / self._shards[s]["file"]
+            try:
+                f = pq.ParquetFile(path, memory_map=True, page_checksum_verification=True)
+                md = f.metadata
+                starts = [0]
+                for g in range(md.num_row_groups):
+                    starts.append(starts[-1] + md.row_group(g).num_rows)
+            except FileNotFoundError as e:
+                raise CacheError(
+                    f"teacher cache {self.path}: shard {self._shards[s]['file']} is missing "
+                    f"({e}). {self._fix}"
+                ) from None
+            except Exception as e:  # noqa: BLE001 - name the shard on any decode failure
+                raise self._corrupt(s, "cannot read its Parquet footer", e) from None
+            if starts[-1] != self._shards[s]["rows"]:
+                raise self._corrupt(
+                    s, "row count", f"{starts[-1]} rows, manifest says {self._shards[s]['rows']}"
+                )
             self._files[s], self._starts[s] = f, starts
         return f
 
     def _build_index(self) -> dict[int, tuple[int, int]]:
         index: dict[int, tuple[int, int]] = {}
         for s, sh in enumerate(self._shards):
-            ids = self._file(s).read(columns=["id"]).column("id").to_numpy()
+            f = self._file(s)
+            try:
+                ids = f.read(columns=["id"]).column("id").to_numpy()
+            except Exception as e:  # noqa: BLE001 - name the shard on any decode failure
+                raise self._corrupt(s, "cannot decode its id column", e) from None
             if len(ids) != sh["rows"]:
-                raise CacheError(
-                    f"teacher cache {self.path}: shard {sh['file']} has {len(ids)} rows, "
-                    f"manifest says {sh['rows']}"
-                )
+                raise self._corrupt(s, "row count", f"{len(ids)} ids, manifest says {sh['rows']}")
             for r, i in enumerate(ids.tolist()):
+                if i in index:
+                    where = self._shards[index[i][0]]["file"]
+                    raise self._corrupt(
+                        s, "duplicate example id", f"id {i} is also stored in {where}"
+                    )
                 index[i] = (s, r)
         return index
 
@@ -145,21 +187,19 @@ class CacheStore:
         if hit is not None:
             self._groups.move_to_end(key)
             return hit
-        try:
-            table = self._file(s).read_row_group(g)
-        except Exception as e:  # noqa: BLE001 - name the shard on any decode failure
-            raise CacheError(
-                f"teacher cache {self.path}: cannot decode shard {self._shards[s]['file']} "
-                f"row group {g} ({e}); run `mentor cache verify {self.path}`"
-            ) from None
+        f = self._file(s)
         cols: dict[str, Any] = {}
-        for name in table.column_names:
-            col = table.column(name).combine_chunks()
-            if hasattr(col, "offsets"):
-                vals = col.values.to_numpy(zero_copy_only=False)
-                cols[name] = (col.offsets.to_numpy(), vals)
-            else:
-                cols[name] = col.to_numpy()
+        try:
+            table = f.read_row_group(g)
+            for name in table.column_names:
+                col = table.column(name).combine_chunks()
+                if hasattr(col, "offsets"):
+                    vals = col.values.to_numpy(zero_copy_only=False)
+                    cols[name] = (col.offsets.to_numpy(), vals)
+                else:
+                    cols[name] = col.to_numpy()
+        except Exception as e:  # noqa: BLE001 - name the shard on any decode failure
+            raise self._corrupt(s, f"cannot decode row group {g}", e) from None
         self._groups[key] = cols
         if len(self._groups) > self.cache_size:
             self._groups.popitem(last=False)

@@ -3,6 +3,9 @@
 Each shard is written to ``<name>.parquet.tmp``, renamed when complete, and then recorded in
 ``<name>.done.json`` (sha256, rows, bytes). A re-run with the same settings skips recorded
 shards, deletes stray temporary files and redoes the rest; ``manifest.json`` is written last.
+A re-run on a complete cache checks every shard the manifest lists (size and sha256) and
+recomputes only the missing or corrupt ones; an intact cache is returned as it is.
+Data pages carry CRC32 checksums, which the reader verifies as it decodes them.
 """
 
 from __future__ import annotations
@@ -34,8 +37,10 @@ from mentor.cache.format import (
     encode_floats,
     float_type,
     read_json,
+    read_manifest,
     sha256_file,
     shard_name,
+    shard_problem,
     write_json_atomic,
 )
 from mentor.cache.provenance import describe
@@ -191,19 +196,53 @@ def _table(rows: list[dict[str, Any]], s: CacheSettings) -> pa.Table:
 # ----------------------------------------------------------------------------- shards
 
 
-def _shard_done(root: Path, rel: str) -> dict[str, Any] | None:
-    """The completion record of a shard if the shard is finished and intact, else None."""
+def _record_path(root: Path, rel: str) -> Path:
     f = root / rel
-    rec_path = f.with_name(f.name.replace(".parquet", ".done.json"))
+    return f.with_name(f.name.replace(".parquet", ".done.json"))
+
+
+def _shard_done(root: Path, rel: str, checked_sha256: str | None = None) -> dict[str, Any] | None:
+    """The completion record of a shard if the shard is finished and intact, else None.
+
+    ``checked_sha256``: the shard's sha256, just computed (the file is not hashed again).
+    """
+    f = root / rel
+    rec_path = _record_path(root, rel)
     if not (rec_path.exists() and f.exists()):
         return None
     try:
         rec = read_json(rec_path, "shard record")
     except CacheError:
         return None
-    if rec.get("bytes") != f.stat().st_size or rec.get("sha256") != sha256_file(f):
+    if rec.get("bytes") != f.stat().st_size:
+        return None
+    if rec.get("sha256") != (checked_sha256 or sha256_file(f)):
         return None
     return rec
+
+
+def _check_complete(root: Path) -> tuple[dict[str, Any] | None, dict[str, str], dict[str, str]]:
+    """Check a complete cache's shards against its manifest (existence, size, sha256).
+
+    Returns the manifest (None when it is unreadable), ``{shard: problem}`` of the damaged
+    shards (``{"manifest.json": problem}`` for an unreadable manifest) and ``{shard: sha256}``
+    of the shards found intact.
+    """
+    try:
+        m = read_manifest(root)
+        shards = list(m["shards"])
+        if not all({"file", "bytes", "sha256", "rows"} <= set(sh) for sh in shards):
+            raise CacheError("a shard entry lacks file, bytes, sha256 or rows")
+    except (CacheError, KeyError, TypeError) as e:
+        return None, {MANIFEST: f"{MANIFEST}: unreadable ({e})"}, {}
+    damaged, intact = {}, {}
+    for sh in shards:
+        problem = shard_problem(root, sh)
+        if problem is None:
+            intact[sh["file"]] = sh["sha256"]
+        else:
+            damaged[sh["file"]] = problem
+    return m, damaged, intact
 
 
 def _write_shard(
@@ -240,7 +279,9 @@ def _write_shard(
             return
         table = _table(pending, s)
         if writer is None:
-            writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
+            writer = pq.ParquetWriter(
+                tmp, table.schema, compression="zstd", write_page_checksum=True
+            )
         writer.write_table(table, row_group_size=len(pending))
         pending, pending_pos = [], 0
 
@@ -352,7 +393,9 @@ def write_cache(
     ``batch -> (logits, {feature name: tensor})`` (then pass ``provenance``). ``splits`` maps a split name (``train``, ``val``) to a dataset whose items carry ``index``
     (a stable example id). ``provenance`` (see :func:`mentor.cache.provenance.describe`) is
     recorded in the manifest; by default the teacher weights and data are hashed here. A
-    re-run with the same arguments resumes an interrupted cache; other settings are refused.
+    re-run with the same arguments resumes an interrupted cache; on a complete cache it checks
+    the shards the manifest lists (size, sha256) and recomputes only the missing or corrupt
+    ones (naming them on stderr), then rewrites the manifest. Other settings are refused.
     """
 
     s = (settings or CacheSettings()).check()
@@ -397,8 +440,16 @@ def write_cache(
                 + "; ".join(diffs[:6])
                 + ". Use another --out, or pass --overwrite to replace it"
             )
-        if (root / MANIFEST).exists():
-            return read_json(root / MANIFEST, "manifest")
+    intact: dict[str, str] = {}
+    damaged: dict[str, str] = {}
+    if (root / STATE).exists() and not overwrite and (root / MANIFEST).exists():
+        manifest, damaged, intact = _check_complete(root)
+        if manifest is not None and not damaged:
+            return manifest  # complete and intact: nothing to do
+        _say(
+            f"teacher cache {root} is damaged; repairing it (recomputing only what is "
+            "missing or corrupt): " + "; ".join(damaged.values())
+        )
     if overwrite:
         for p in [root / MANIFEST, root / STATE, *(root / SHARD_DIR).iterdir()]:
             if p.is_file():
@@ -422,9 +473,13 @@ def write_cache(
             plan.append((split, i, lo, hi, shard_name(split, i)))
     records: dict[str, dict[str, Any]] = {}
     for _split, _, lo, hi, rel in plan:
-        rec = _shard_done(root, rel)
+        if rel in damaged:  # recomputed even if its shard record was rewritten to match it
+            _record_path(root, rel).unlink(missing_ok=True)
+            continue
+        rec = _shard_done(root, rel, intact.get(rel))
         if rec is not None and rec.get("rows") == hi - lo:
             records[rel] = rec
+    todo = [p[4] for p in plan if p[4] not in records]
     total_rows = sum(len(d) for d in splits.values())
     done_rows = sum(r["rows"] for r in records.values())
     bar = Progress(total_rows, enabled=progress, initial=done_rows, label="cache")
@@ -446,7 +501,20 @@ def write_cache(
         getattr(run, "close", lambda: None)()
     manifest = _manifest(state, [records[p[4]] for p in plan])
     write_json_atomic(root / MANIFEST, manifest)
+    if damaged:
+        _say(
+            f"teacher cache {root}: repaired {len(todo)} shard(s)"
+            + (f" ({', '.join(todo)})" if todo else "")
+            + f" and rewrote {MANIFEST}"
+        )
     return manifest
+
+
+def _say(text: str) -> None:
+    """A message for the person running ``mentor cache`` (stderr)."""
+    from mentor._console import err
+
+    err.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 def _manifest(state: Mapping[str, Any], shards: list[dict[str, Any]]) -> dict[str, Any]:

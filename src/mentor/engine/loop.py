@@ -409,10 +409,10 @@ class Distiller:
             if main:  # records after the checkpoint are logged again; a torn line is dropped
                 dropped = ckpt.truncate_metrics(self.out / "metrics.jsonl", state["step"])
                 if dropped:
-                    acc.print(f"metrics.jsonl: {dropped} record(s) after step {state['step']} "
-                              "dropped (they are logged again)")  # fmt: skip
+                    acc.print(f"metrics.jsonl: {dropped} torn record(s) or record(s) after step "
+                              f"{state['step']} dropped (later steps are logged again)")  # fmt: skip
         apply_schedules(t.schedules, objective, state["step"])
-        ck_minutes = getattr(t, "checkpoint_minutes", None)
+        ck_minutes = t.checkpoint_minutes
         last_ck, ck_cost = time.perf_counter(), 0.0
         ck_total = 0.0
 

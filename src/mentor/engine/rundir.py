@@ -34,6 +34,7 @@ RESUMABLE = {
     "train.checkpoint_minutes",
     "eval.every",
     "eval.batch_size",
+    "output.dir",  # a run directory may be moved or copied
     "output.trackers",
     "output.overwrite",
 }
@@ -116,7 +117,8 @@ def check_output(cfg: Any, resume: bool) -> list[tuple[str, Any, Any]]:
             f"{shown}. Resume with the run's own settings, or start a new run (another "
             "output.dir, or output.overwrite=true without --resume)"
         )
-    return [c for c in changes if c[0] not in ("output.overwrite", "train.progress")]
+    quiet = ("output.overwrite", "output.dir", "train.progress")
+    return [c for c in changes if c[0] not in quiet]
 
 
 def move_aside(out: Path) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -92,6 +93,25 @@ class FusedHead:
         )
 
 
+def _weight(term: str, value: Any) -> float:
+    """A term's weight: a finite number >= 0 (0 switches the term off, e.g. until a schedule
+    ramps it up)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"objective.{term}.weight: {value!r} is not a number")
+    try:
+        w = float(value)
+    except ValueError:
+        raise ValueError(f"objective.{term}.weight: {value!r} is not a number") from None
+    if not math.isfinite(w):
+        raise ValueError(f"objective.{term}.weight: {value!r} is not a finite number")
+    if w < 0:
+        raise ValueError(
+            f"objective.{term}.weight: {w:g} is negative; loss weights must be >= 0 (a negative "
+            "weight would maximise that loss). Use 0 to switch the term off"
+        )
+    return w
+
+
 class Objective(nn.Module):
     """Named loss terms with explicit weights.
 
@@ -103,6 +123,8 @@ class Objective(nn.Module):
     it is a parameter of the Objective, so optimise ``objective.parameters()`` with the student.
     A ``taid`` term gets a :class:`TAIDScheduler` (keys ``t_start``, ``t_end``, ``alpha``,
     ``beta``, ``disable_adaptive``) unless it fixes ``t:``; :meth:`after_step` advances it.
+    Weights must be finite and >= 0; a weight of 0 switches a term off (schedules may ramp it
+    up from 0). A recipe whose weights are all 0 is refused when the config is loaded.
     """
 
     def __init__(self, spec: Mapping[str, Mapping[str, Any]]) -> None:
@@ -127,7 +149,7 @@ class Objective(nn.Module):
                 )
             raw = dict(raw or {})
             loss_name = raw.pop("loss", term)
-            self.weights[term] = float(raw.pop("weight", 1.0))
+            self.weights[term] = _weight(term, raw.pop("weight", 1.0))
             s_tap, t_tap = raw.pop("student", None), raw.pop("teacher", None)
             proj = raw.pop("projector", None)
             try:
