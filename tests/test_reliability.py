@@ -254,3 +254,19 @@ def test_kill_9_at_random_points_then_resume_is_identical(tmp_path):
         assert torch.equal(a[k], b[k]), k
     steps = [r["step"] for r in _records(run) if r["kind"] == "train"]
     assert steps == sorted(set(steps)) and steps[-1] == 300
+
+
+@pytest.mark.slow
+def test_fault_injection_suite_at_smoke_size(monkeypatch, tmp_path):
+    """benchmarks/fault_injection.py --quick: every injected fault detected and recovered."""
+    from benchmarks import _common
+    from benchmarks import fault_injection as fi
+
+    monkeypatch.setattr(_common, "RESULTS", tmp_path)
+    monkeypatch.setenv("MENTOR_CACHE", str(tmp_path / "cache"))
+    res = fi.run(kills=1, steps=300, trials=1, quick=True)
+    k, n, rows = res["kill9"], res["nan_io"], res["artifacts"]
+    assert k["resumed_ok"] == k["identical"] == k["metrics_clean"] == k["runs"] == 1
+    assert n["nan_caught_at_step"] == n["nan_injected"] == 1
+    assert n["io_clean_errors"] == n["io_nothing_lost"] == n["io_faults"] == 2
+    assert all(r["detected"] and r["named"] and r["recovered"] for r in rows), rows

@@ -107,3 +107,25 @@ def test_two_processes_match_one_process_with_same_global_batch(tmp_path):
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(one) == len(two) == 6
     assert two == pytest.approx(one, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_two_processes_fit_the_teacher_once(tmp_path):
+    """In a 2-process run only rank 0 fits (and writes) the teacher; rank 1 loads it."""
+    accel = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    if accel is None:
+        pytest.skip("accelerate launcher not found next to the interpreter")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": "29519",
+           "MENTOR_CACHE": str(tmp_path / "cache")}  # fmt: skip
+    cmd = [
+        accel, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        "-m", "mentor.cli", "distill", "digits", f"output.dir={tmp_path}/two",
+        "train.batch_size=16", "train.max_steps=4", "teacher.fit.epochs=2", "eval.every=null",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    fits = [ln for ln in proc.stderr.splitlines() if ln.startswith("fit ") and "100%" in ln]
+    assert len(fits) == 1, proc.stderr[-2000:]
+    assert len(list((tmp_path / "cache" / "teachers").iterdir())) == 1
+    assert (tmp_path / "two" / "teacher" / "fit_key.txt").exists()

@@ -148,9 +148,10 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     """Read a JSON object, naming the file and what it is on failure."""
     try:
         obj = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CacheError(
-            f"{path}: the {what} is not valid JSON ({e}); re-create the cache"
+            f"{path}: the {what} is not valid JSON ({e}); re-run the same `mentor cache` "
+            "command to repair it"
         ) from None
     if not isinstance(obj, dict):
         raise CacheError(f"{path}: the {what} must be a JSON object")

@@ -217,3 +217,18 @@ def truncate_metrics(path: Path, step: int) -> int:
     tmp.write_text("".join(ln + "\n" for ln in keep))
     tmp.replace(path)
     return dropped
+
+
+def missing_records(path: Path, step: int, every: int) -> list[int]:
+    """Train steps up to ``step`` that should have a record (every ``every`` steps) but don't."""
+    if not path.exists():
+        return list(range(every, step + 1, every))
+    have = set()
+    for ln in path.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(ln)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and rec.get("kind") == "train":
+            have.add(rec.get("step"))
+    return [s for s in range(every, step + 1, every) if s not in have]

@@ -411,6 +411,11 @@ class Distiller:
                 if dropped:
                     acc.print(f"metrics.jsonl: {dropped} torn record(s) or record(s) after step "
                               f"{state['step']} dropped (later steps are logged again)")  # fmt: skip
+                gone = ckpt.missing_records(self.out / "metrics.jsonl", state["step"], t.log_every)
+                if gone:
+                    acc.print(f"metrics.jsonl has no record of step(s) {gone[:5]}"
+                              f"{' ...' if len(gone) > 5 else ''}: the file was truncated or "
+                              "edited; those records cannot be recovered")  # fmt: skip
         apply_schedules(t.schedules, objective, state["step"])
         ck_minutes = t.checkpoint_minutes
         last_ck, ck_cost = time.perf_counter(), 0.0
