@@ -74,3 +74,21 @@ def tiny_cnn() -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3)
     )
+
+
+class _Counting(nn.Module):
+    """Wraps a module and counts its forward calls (e.g. how often a cache ran the teacher)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.inner(x)
+
+
+@pytest.fixture
+def counting():
+    """The class of a module wrapper that counts forward calls: ``counting(model)``."""
+    return _Counting

@@ -109,17 +109,7 @@ def test_round_trip_per_token_lines_up_with_the_engine_shift(tmp_path, tiny_lm):
     assert sam.counts[0, int(data.mask[0].sum()) :].sum() == 0
 
 
-class _Counting(nn.Module):
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner, self.calls = inner, 0
-
-    def forward(self, x):
-        self.calls += 1
-        return self.inner(x)
-
-
-def test_kill_and_resume_gives_the_same_store(tmp_path, toy, monkeypatch):
+def test_kill_and_resume_gives_the_same_store(tmp_path, toy, monkeypatch, counting):
     bundle, teacher = toy
     s = CacheSettings(top_k=4, samples=8, rows_per_shard=40, row_group_positions=10, batch_size=8)
     splits = {"train": bundle.train, "val": bundle.val}
@@ -135,7 +125,7 @@ def test_kill_and_resume_gives_the_same_store(tmp_path, toy, monkeypatch):
         return real(self, table, *a, **k)
 
     monkeypatch.setattr(pq.ParquetWriter, "write_table", dying)
-    counted = _Counting(teacher)
+    counted = counting(teacher)
     with pytest.raises(RuntimeError, match="simulated kill"):
         write_cache(counted, splits, tmp_path / "res", s, progress=False)
     monkeypatch.setattr(pq.ParquetWriter, "write_table", real)

@@ -17,16 +17,6 @@ from mentor.data import build_data
 SETTINGS = dict(top_k=3, samples=4, rows_per_shard=40, row_group_positions=10, batch_size=8)
 
 
-class _Counting(nn.Module):
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner, self.calls = inner, 0
-
-    def forward(self, x):
-        self.calls += 1
-        return self.inner(x)
-
-
 @pytest.fixture(scope="module")
 def toy():
     bundle = build_data("random", {"n": 240, "in_features": 16, "num_classes": 6}, 0.25, 0)
@@ -49,9 +39,9 @@ def _write(toy, root, counted):
     )
 
 
-def test_rerun_repairs_exactly_the_missing_and_corrupt_shards(tmp_path, toy, capsys):
+def test_rerun_repairs_exactly_the_missing_and_corrupt_shards(tmp_path, toy, capsys, counting):
     root = tmp_path / "c"
-    counted = _Counting(toy[1])
+    counted = counting(toy[1])
     full = _write(toy, root, counted)
     assert len(full["shards"]) == 5  # 180 train rows, 40 per shard
     shards = root / "shards"
@@ -80,11 +70,11 @@ def test_rerun_repairs_exactly_the_missing_and_corrupt_shards(tmp_path, toy, cap
     assert capsys.readouterr().err == ""
 
 
-def test_corrupt_shard_is_recomputed_even_when_its_record_was_rewritten(tmp_path, toy):
+def test_corrupt_shard_is_recomputed_even_when_its_record_was_rewritten(tmp_path, toy, counting):
     from mentor.cache.format import sha256_file
 
     root = tmp_path / "c"
-    counted = _Counting(toy[1])
+    counted = counting(toy[1])
     full = _write(toy, root, counted)
     f = root / "shards" / "train-00002.parquet"
     _flip(f)
@@ -98,9 +88,9 @@ def test_corrupt_shard_is_recomputed_even_when_its_record_was_rewritten(tmp_path
     assert verify_cache(root) == []
 
 
-def test_truncated_shard_and_unreadable_manifest_are_repaired(tmp_path, toy, capsys):
+def test_truncated_shard_and_unreadable_manifest_are_repaired(tmp_path, toy, capsys, counting):
     root = tmp_path / "c"
-    counted = _Counting(toy[1])
+    counted = counting(toy[1])
     full = _write(toy, root, counted)
     f = root / "shards" / "train-00003.parquet"
     f.write_bytes(f.read_bytes()[:-50])
@@ -152,9 +142,9 @@ def _fix_hint(root):
     return f"mentor cache verify {root}", "re-run the `mentor cache"
 
 
-def test_reading_a_truncated_or_missing_shard_names_it_and_the_fix(tmp_path, toy):
+def test_reading_a_truncated_or_missing_shard_names_it_and_the_fix(tmp_path, toy, counting):
     root = tmp_path / "c"
-    _write(toy, root, _Counting(toy[1]))
+    _write(toy, root, counting(toy[1]))
     f = root / "shards" / "train-00002.parquet"
     good = f.read_bytes()
     f.write_bytes(good[:-100])
@@ -171,13 +161,13 @@ def test_reading_a_truncated_or_missing_shard_names_it_and_the_fix(tmp_path, toy
     assert all(h in msg for h in _fix_hint(root))
 
 
-def test_reading_a_flipped_byte_never_gives_wrong_signals(tmp_path, toy):
+def test_reading_a_flipped_byte_never_gives_wrong_signals(tmp_path, toy, counting):
     """A flipped byte anywhere in a shard either leaves the decoded signals as they were (an
     unused byte) or raises a CacheError naming the shard and the fix: never other values,
     never a bare pyarrow/decode error (pages carry CRC32 checksums the reader verifies)."""
     bundle, _ = toy
     root = tmp_path / "c"
-    _write(toy, root, _Counting(toy[1]))
+    _write(toy, root, counting(toy[1]))
     ids = [int(bundle.train[i]["index"]) for i in range(len(bundle.train))]
     ref = open_store(root).batch(ids)
     ref_s = open_store(root, kind="sampled").batch(ids)
