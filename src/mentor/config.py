@@ -199,6 +199,29 @@ class OutputConfig(_Strict):
     overwrite: bool = False
 
 
+class GenerationConfig(_Strict):
+    """Distillation with generation (causal LMs on prompt data, ``data.source: prompts``).
+
+    ``mode``: ``off`` (the data's own completions), ``on_policy`` (the student samples the
+    completions with its current weights every step; Agarwal et al., "On-Policy Distillation
+    of Language Models: Learning from Self-Generated Mistakes", 2024), ``mixed`` (a fraction
+    ``lambda`` of the batches on-policy, the rest from the data — GKD's λ), ``seq_kd`` (the
+    teacher samples the completions; Kim & Rush, "Sequence-Level Knowledge Distillation",
+    2016). The loss counts only completion positions.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, populate_by_name=True, serialize_by_alias=True
+    )
+
+    mode: Literal["off", "on_policy", "mixed", "seq_kd"] = "off"
+    lambda_: float = Field(0.5, ge=0, le=1, alias="lambda")
+    max_new_tokens: int = Field(32, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+
+
 class RunConfig(_Strict):
     """A complete distillation run."""
 
@@ -213,6 +236,7 @@ class RunConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
 
     @field_validator("objective", mode="before")
     @classmethod
@@ -296,7 +320,7 @@ def _fields_at(loc: tuple[Any, ...]) -> list[str]:
         )
         if model is None:
             return []
-    return list(getattr(model, "model_fields", {}))
+    return [f.alias or n for n, f in getattr(model, "model_fields", {}).items()]
 
 
 def _explain(err: ValidationError) -> str:

@@ -36,7 +36,8 @@ def recipe_demo(
     if baseline is not None:
         console.rule("2/4 the same student trained without the teacher (same steps)")
         base_cfg = load_config(
-            recipe, [f"output.dir={out}/no_kd", f"objective={baseline}", *common]
+            recipe,
+            [f"output.dir={out}/no_kd", f"objective={baseline}", "generation.mode=off", *common],
         )
         base_dir = distill(base_cfg, quiet=True, final=False).run_dir
     console.rule("3/4 evaluation: quality, agreement, calibration, size, latency")
@@ -86,6 +87,11 @@ DEMOS: dict[str, tuple[Callable[[str, bool], dict[str, Any]], str]] = {
     "lm": (
         lambda out, smoke: recipe_demo("causal-lm", out, smoke),
         "SmolLM2-135M -> 6-layer layer-drop student on BBC text, forward KL (perplexity)",
+    ),
+    "lm-onpolicy": (
+        lambda out, smoke: recipe_demo("causal-lm-onpolicy", out, smoke),
+        "SmolLM2-135M -> 6-layer student with mixed on-policy distillation (GKD, JSD) on BBC "
+        "prompts; baseline: the same student fine-tuned on the reference completions",
     ),
     "embedding": (
         lambda out, smoke: recipe_demo("embedding-tfidf", out, smoke, baseline=None),

@@ -152,8 +152,8 @@ class _LMAcc(Accumulator):
 
     def add(self, batch: Mapping[str, Any], outputs: Mapping[str, Tensor]) -> None:
         ids = batch["input_ids"]
-        mask = batch.get("attention_mask")
-        keep = (mask[:, 1:] > 0) if mask is not None else torch.ones_like(ids[:, 1:], dtype=bool)
+        mask = _target_mask(batch)
+        keep = mask if mask is not None else torch.ones_like(ids[:, 1:], dtype=bool)
         keep = keep.to(ids.device)
         y = ids[:, 1:][keep]
         rows = {n: z[:, :-1][keep].float() for n, z in outputs.items()}
@@ -189,6 +189,15 @@ class _LMAcc(Accumulator):
         return res
 
 
+def _target_mask(batch: Mapping[str, Any]) -> Tensor | None:
+    """Which next-token targets count: completion tokens when the batch marks them (prompt
+    data, generated samples), else every attended token; ``None`` when all count."""
+    m = batch.get("completion_mask")
+    if m is None:
+        m = batch.get("attention_mask")
+    return m[:, 1:].bool() if m is not None else None
+
+
 @TASKS.register("causal_lm")
 class CausalLM(Task):
     """Next-token prediction: logits at position t are scored against token t+1 (the shift)."""
@@ -200,17 +209,19 @@ class CausalLM(Task):
     def loss_view(
         self, logits: Any, teacher_logits: Any, batch: Mapping[str, Any]
     ) -> tuple[Any, Any, Tensor | None, Tensor | None]:
-        """Drop the last position of both models' logits; labels are the next tokens."""
-        mask = batch.get("attention_mask")
-        mask = mask[:, 1:].bool() if mask is not None else None
+        """Drop the last position of both models' logits; labels are the next tokens.
+
+        With prompt data (a ``completion_mask``) only the completion tokens count."""
+        mask = _target_mask(batch)
         t = teacher_logits[:, :-1] if teacher_logits is not None else None
         return logits[:, :-1], t, batch["input_ids"][:, 1:], mask
 
     def count_positions(self, batch: Mapping[str, Any]) -> int:
-        """Attended next-token positions (the first token of each sequence predicts nothing)."""
-        m = batch.get("attention_mask")
+        """Attended next-token positions (the first token of each sequence predicts nothing);
+        with prompt data, the completion tokens only."""
+        m = _target_mask(batch)
         ids = batch["input_ids"]
-        return int(m[:, 1:].sum()) if m is not None else ids.shape[0] * (ids.shape[1] - 1)
+        return int(m.sum()) if m is not None else ids.shape[0] * (ids.shape[1] - 1)
 
     def accumulator(self, num_classes: int | None = None) -> Accumulator:
         """Perplexity, next-token accuracy and token-level fidelity, streamed."""

@@ -31,6 +31,7 @@ from torch.utils.data import Dataset, default_collate
 from mentor.config import RunConfig, TrainConfig, dump_config
 from mentor.engine import checkpoint as ckpt
 from mentor.engine import rundir
+from mentor.generation import SamplingConfig, generate
 from mentor.losses import Objective
 from mentor.losses.objective import FusedHead
 from mentor.losses.schedules import apply_schedules, check_schedules, lr_lambda
@@ -220,6 +221,15 @@ class Distiller:
             )
         check_schedules(config.train.schedules, objective)
         self.model = DistillModule(student, objective, self.task, config.train.fused_loss_chunk)
+        if config.generation.mode != "off":
+            _check_generation(config, self.task, train_data)
+            if teacher is not None and not hasattr(teacher, "module"):
+                raise ValueError(
+                    f"generation.mode={config.generation.mode} needs a teacher that scores new "
+                    f"samples (an online module); teacher.source={config.teacher.source} only "
+                    "holds signals for the data's own completions: use generation.mode=off with "
+                    "it, or an online teacher"
+                )
         es = config.eval.early_stopping
         if es is not None and write_run:
             known = [*objective.terms, "loss", *self.task.eval_metrics]
@@ -269,6 +279,59 @@ class Distiller:
         for k in range(start, n_batches):
             lo = k * b * world + rank * b
             yield self.collate([self.train_data[int(i)] for i in perm[lo : lo + b]])
+
+    def _generate(
+        self, window: list[dict[str, Any]], step: int, rank: int, device: torch.device
+    ) -> list[dict[str, Any]]:
+        """Replace the completions of this step's prompt batches by generated ones.
+
+        ``on_policy``: the student samples (current weights); ``seq_kd``: the teacher samples;
+        ``mixed``: each micro-batch is on-policy with probability ``generation.lambda``. The
+        draws come from a generator seeded by (seed, step, micro-batch, rank), so a resumed run
+        samples exactly what the uninterrupted run sampled.
+        """
+        g = self.cfg.generation
+        if g.mode == "off":
+            return window
+        sampling = SamplingConfig(
+            max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
+            top_k=g.top_k,
+        )  # fmt: skip
+        out = []
+        for i, batch in enumerate(window):
+            seed = ((self.cfg.train.seed * 1_000_003 + step) * 1009 + i) * 131 + rank
+            if g.mode == "mixed":  # GKD's coin: on-policy with probability lambda
+                coin = torch.Generator().manual_seed(seed + 7919)
+                if float(torch.rand((), generator=coin)) >= g.lambda_:
+                    out.append(batch)  # off-policy: the data's own completion
+                    continue
+            rng = torch.Generator(device=device).manual_seed(seed)
+            model = self._generator_model()
+            cfg = getattr(model, "config", None)
+            eos = getattr(cfg, "eos_token_id", None)
+            pad = getattr(cfg, "pad_token_id", None)
+            pad = pad if isinstance(pad, int) else (eos if isinstance(eos, int) else 0)
+            gen = generate(
+                model, batch["prompt_ids"], batch["prompt_mask"], sampling,
+                generator=rng, eos_token_id=eos, pad_token_id=pad,
+            )  # fmt: skip
+            out.append(
+                {**batch, "input_ids": gen.input_ids, "attention_mask": gen.attention_mask,
+                 "completion_mask": gen.completion_mask}
+            )  # fmt: skip
+        return out
+
+    def _generator_model(self) -> nn.Module:
+        if self.cfg.generation.mode != "seq_kd":
+            return self.model.student
+        module = getattr(self.teacher, "module", None)
+        if not isinstance(module, nn.Module):
+            raise ValueError(
+                "generation.mode=seq_kd samples from the teacher, which needs an online teacher "
+                "module (teacher.source=online or run); for a cached teacher, generate the "
+                "completions once and train on them with generation.mode=off"
+            )
+        return module
 
     def _teacher_output(self, batch: dict[str, Any]) -> TeacherOutput:
         if self.teacher is None:
@@ -442,6 +505,7 @@ class Distiller:
                         continue
                     state["pos"] += 1
                     window.append(_to_device(batch, acc.device))
+                window = self._generate(window, state["step"], rank, acc.device)
                 counts = [self.task.count_positions(b) for b in window]
                 n_global = acc.reduce(torch.tensor(float(sum(counts)), device=acc.device), "sum")
                 n_global = max(float(n_global), 1.0)
@@ -635,6 +699,21 @@ def _check_trackers(trackers: Sequence[str]) -> None:
                 f"output.trackers includes {name!r} but its package is not installed: "
                 f"pip install {mods[0]}  (or remove it from output.trackers)"
             )
+
+
+def _check_generation(cfg: RunConfig, task: Task, data: Dataset) -> None:
+    """Generation modes need a causal LM and prompt data; say which setting to change."""
+    mode = cfg.generation.mode
+    if not task.per_token:
+        raise ValueError(
+            f"generation.mode={mode} needs a causal LM task (the data is {task.name}); "
+            "set generation.mode=off"
+        )
+    if "prompt_ids" not in data[0]:
+        raise ValueError(
+            f"generation.mode={mode} needs prompt data: set data.source=prompts (JSONL "
+            "prompts/completions or text cut into prompt/continuation pairs)"
+        )
 
 
 def _guess_task(data: Dataset) -> str:

@@ -37,6 +37,9 @@ def model_outputs(model: nn.Module, batch: dict[str, Any]) -> Tensor:
         kwargs = {"input_ids": batch["input_ids"]}
         if batch.get("attention_mask") is not None:
             kwargs["attention_mask"] = batch["attention_mask"]
+            if "prompt_ids" in batch:  # left-padded prompts: positions count real tokens only
+                pos = batch["attention_mask"].long().cumsum(-1) - 1
+                kwargs["position_ids"] = pos.clamp_min(0)
         out = model(**kwargs)
     elif "inputs" in batch:
         out = model(batch["inputs"])
