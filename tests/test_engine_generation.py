@@ -140,3 +140,32 @@ def test_generation_needs_prompt_data(tmp_path, tiny_lm):
         from mentor.engine.loop import _check_generation
 
         _check_generation(d.cfg, d.task, data.train)
+
+
+def test_fused_head_gives_the_same_on_policy_losses(tmp_path, tiny_lm):
+    plain = _distiller(tmp_path / "plain", tiny_lm, "on_policy", steps=3)
+    plain.fit()
+    fused = _distiller(tmp_path / "fused", tiny_lm, "on_policy", steps=3, fused_loss_chunk=8)
+    fused.fit()
+    a, b = [r["loss"] for r in plain.history], [r["loss"] for r in fused.history]
+    assert a == pytest.approx(b, rel=1e-4)
+
+
+def test_left_padded_positions_match_unpadded_rows():
+    """Prompt batches pass position_ids: a padded row scores like the same row alone (GPT-2's
+    absolute positions would shift without them)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from mentor.models import model_outputs
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=128, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+    tiny_lm = GPT2LMHeadModel(cfg).eval()
+
+    items = [Prompts()[0], Prompts()[3]]
+    both = collate(items)
+    alone = collate([items[0]])
+    width = alone["input_ids"].shape[1]
+    z_both = model_outputs(tiny_lm, both)[0, -width:]
+    z_alone = model_outputs(tiny_lm, alone)[0]
+    torch.testing.assert_close(z_both, z_alone, rtol=1e-4, atol=1e-5)

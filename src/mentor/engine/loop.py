@@ -35,7 +35,7 @@ from mentor.generation import SamplingConfig, generate
 from mentor.losses import Objective
 from mentor.losses.objective import FusedHead
 from mentor.losses.schedules import apply_schedules, check_schedules, lr_lambda
-from mentor.models import model_outputs
+from mentor.models import model_outputs, position_ids
 from mentor.models.taps import FeatureTaps
 from mentor.progress import Progress
 from mentor.registry import did_you_mean
@@ -112,7 +112,9 @@ def _check_fusable(student: nn.Module, task: Task) -> None:
 def _fused_head(student: nn.Module, batch: dict[str, Any], chunk: int) -> FusedHead:
     """Run the student body only; the objective applies the output head chunk by chunk."""
     out = student.base_model(
-        input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")
+        input_ids=batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),
+        position_ids=position_ids(batch),
     )
     head = student.get_output_embeddings()
     return FusedHead(out.last_hidden_state, head.weight, head.bias, chunk)

@@ -15,6 +15,17 @@ from torch import Tensor, nn
 VOCAB_LIMIT_ATTR = "mentor_vocab_limit"
 
 
+def position_ids(batch: dict[str, Any]) -> Tensor | None:
+    """Positions of a batch of left-padded prompts (+ completions): real tokens count from 0.
+
+    None for other batches (right padding: a model's default positions are already right).
+    """
+    mask = batch.get("attention_mask")
+    if "prompt_ids" not in batch or mask is None:
+        return None
+    return (mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
 def model_outputs(model: nn.Module, batch: dict[str, Any]) -> Tensor:
     """Call ``model`` on ``batch`` and return its logits (or embeddings) tensor.
 
@@ -37,9 +48,9 @@ def model_outputs(model: nn.Module, batch: dict[str, Any]) -> Tensor:
         kwargs = {"input_ids": batch["input_ids"]}
         if batch.get("attention_mask") is not None:
             kwargs["attention_mask"] = batch["attention_mask"]
-            if "prompt_ids" in batch:  # left-padded prompts: positions count real tokens only
-                pos = batch["attention_mask"].long().cumsum(-1) - 1
-                kwargs["position_ids"] = pos.clamp_min(0)
+            pos = position_ids(batch)
+            if pos is not None:
+                kwargs["position_ids"] = pos
         out = model(**kwargs)
     elif "inputs" in batch:
         out = model(batch["inputs"])
@@ -55,4 +66,4 @@ def model_outputs(model: nn.Module, batch: dict[str, Any]) -> Tensor:
     return out
 
 
-__all__ = ["VOCAB_LIMIT_ATTR", "model_outputs"]
+__all__ = ["VOCAB_LIMIT_ATTR", "model_outputs", "position_ids"]

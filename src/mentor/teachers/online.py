@@ -11,7 +11,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
-from mentor.models import model_outputs
+from mentor.models import model_outputs, position_ids
 from mentor.models.taps import FeatureTaps
 from mentor.teachers.base import (
     SourceContext,
@@ -99,7 +99,9 @@ class OnlineTeacher(TeacherSource):
         dev = next(self.module.parameters(), torch.empty(0)).device
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             out = self.module.base_model(
-                input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")
+                input_ids=batch["input_ids"],
+                attention_mask=batch.get("attention_mask"),
+                position_ids=position_ids(batch),
             )
         feats = self._hooks.pop() if self._hooks else {}
         return TeacherOutput(
