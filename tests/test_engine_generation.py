@@ -1,5 +1,6 @@
-"""Distillation with generation in the engine: on-policy, mixed (GKD's λ), seq-KD; the loss
-counts completion tokens only; exact resume (the samples are seeded by step)."""
+"""Distillation with generation in the engine: on-policy, mixed (GKD's λ), seq-KD, replay
+(DistiLLM's replay buffer); the loss counts completion tokens only; exact resume (the samples
+are seeded by step, the replay buffer is checkpointed)."""
 
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def collate(items: list[dict]) -> dict:
     }
 
 
-def _distiller(tmp_path, tiny_lm, mode, *, steps=6, lam=0.5, callbacks=(), **train):
+def _distiller(tmp_path, tiny_lm, mode, *, steps=6, lam=0.5, callbacks=(), gen=None, **train):
     import copy
 
     torch.manual_seed(1)
@@ -63,6 +64,8 @@ def _distiller(tmp_path, tiny_lm, mode, *, steps=6, lam=0.5, callbacks=(), **tra
     d.cfg.generation.mode = mode
     d.cfg.generation.lambda_ = lam
     d.cfg.generation.max_new_tokens = 4
+    for k, v in (gen or {}).items():
+        setattr(d.cfg.generation, k, v)
     return d
 
 
@@ -169,3 +172,191 @@ def test_left_padded_positions_match_unpadded_rows():
     z_both = model_outputs(tiny_lm, both)[0, -width:]
     z_alone = model_outputs(tiny_lm, alone)[0]
     torch.testing.assert_close(z_both, z_alone, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- replay (DistiLLM)
+
+
+def _rows(batch):
+    """(index, prompt tokens, completion tokens) of each row of a prompt batch."""
+    p = batch["prompt_ids"].shape[1]
+    out = []
+    for r in range(batch["input_ids"].shape[0]):
+        ids = batch["input_ids"][r]
+        prompt = ids[:p][batch["attention_mask"][r, :p].bool()].tolist()
+        comp = ids[p:][batch["completion_mask"][r, p:].bool()].tolist()
+        out.append((int(batch["index"][r]), tuple(prompt), tuple(comp)))
+    return out
+
+
+def _spy_generate(monkeypatch):
+    """Record every batch mentor.engine.loop.generate returns (as rows)."""
+    import mentor.engine.loop as loop
+
+    calls = []
+    real = loop.generate
+
+    def spy(model, prompt_ids, prompt_mask, *a, **k):
+        gen = real(model, prompt_ids, prompt_mask, *a, **k)
+        calls.append({"prompt_ids": prompt_ids, "input_ids": gen.input_ids,
+                      "attention_mask": gen.attention_mask,
+                      "completion_mask": gen.completion_mask})  # fmt: skip
+        return gen
+
+    monkeypatch.setattr(loop, "generate", spy)
+    return calls
+
+
+def _spy_batches(d):
+    seen = []
+    real = d._teacher_output
+
+    def spy(batch):
+        seen.append(batch)
+        return real(batch)
+
+    d._teacher_output = spy
+    return seen
+
+
+def test_replay_with_reuse_zero_is_on_policy(tmp_path, tiny_lm):
+    on = _distiller(tmp_path / "on", tiny_lm, "on_policy")
+    a = on.fit()
+    rep = _distiller(tmp_path / "rep", tiny_lm, "replay", gen={"reuse": 0.0})
+    b = rep.fit()
+    assert [r["loss"] for r in on.history] == [r["loss"] for r in rep.history]
+    wa = load_file(str(a / "student" / "model.safetensors"))
+    wb = load_file(str(b / "student" / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_replay_with_reuse_one_generates_once_then_reuses(tmp_path, tiny_lm, monkeypatch):
+    from mentor.models import position_ids
+
+    calls = _spy_generate(monkeypatch)
+    d = _distiller(tmp_path, tiny_lm, "replay", steps=4, gen={"reuse": 1.0})
+    seen = _spy_batches(d)
+    d.fit()
+    assert len(calls) == 1 and len(seen) == 4  # the first step fills the buffer (4 sequences)
+    first = set(_rows({**calls[0], "index": seen[0]["index"]}))
+    assert set(_rows(seen[0])) == first
+    for b in seen[1:]:  # later batches: earlier samples, laid out as a prompt batch
+        assert set(_rows(b)) == first  # 4 distinct of the 4 kept
+        p = b["prompt_ids"].shape[1]
+        assert torch.equal(b["prompt_ids"], b["input_ids"][:, :p])
+        assert bool((b["prompt_mask"][:, -1] == 1).all())  # prompts left-padded
+        assert torch.equal(b["prompt_mask"], b["attention_mask"][:, :p])
+        assert not b["completion_mask"][:, :p].any()
+        assert torch.equal(b["completion_mask"][:, p:], b["attention_mask"][:, p:])
+        comp = b["completion_mask"][:, p:]
+        assert bool((comp[:, :-1] >= comp[:, 1:]).all())  # completions right-padded
+        assert position_ids(b) is not None
+    assert len(d.replay) == 4
+
+
+def test_replay_buffer_is_fifo_and_bounded(tmp_path, tiny_lm, monkeypatch):
+    calls = _spy_generate(monkeypatch)
+    sizes = []
+
+    class Watch:
+        def on_step_end(self, dist, _step, _v):
+            sizes.append(len(dist.replay))
+
+    d = _distiller(tmp_path, tiny_lm, "replay", steps=4, callbacks=[Watch()],
+                   gen={"reuse": 0.0, "buffer_size": 6})  # fmt: skip
+    seen = _spy_batches(d)
+    d.fit()
+    assert sizes == [4, 6, 6, 6]
+    generated = [r for c, b in zip(calls, seen) for r in _rows({**c, "index": b["index"]})]
+    kept = [(i, tuple(p.tolist()), tuple(c.tolist())) for p, c, i in d.replay.items]
+    assert kept == generated[-6:]  # the newest 6, oldest first
+
+
+def test_replay_resume_is_exact(tmp_path, tiny_lm, monkeypatch):
+    import shutil
+
+    from mentor.engine.loop import Distiller
+
+    calls = _spy_generate(monkeypatch)
+    kw = {"checkpoint_every": 3, "seed": 5, "gen": {"reuse": 0.5, "buffer_size": 6}}
+    # with seed 5 the steps are fresh, fresh, replay | replay, fresh, fresh: the step-3
+    # checkpoint holds 6 of the 8 sequences sampled so far, and step 4 draws from them
+    full = _distiller(tmp_path / "full", tiny_lm, "replay", **kw).fit()
+    assert len(calls) == 4
+
+    class Crash:
+        def on_step_end(self, _d, step, _v):
+            if step == 4:
+                raise RuntimeError("simulated kill")
+
+    with pytest.raises(RuntimeError):
+        _distiller(tmp_path / "cut", tiny_lm, "replay", callbacks=[Crash()], **kw).fit()
+    shutil.copytree(tmp_path / "cut", tmp_path / "lost")
+    out = _distiller(tmp_path / "cut", tiny_lm, "replay", **kw).fit(resume=True)
+    a = load_file(str(full / "student" / "model.safetensors"))
+    b = load_file(str(out / "student" / "model.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # the buffer is what makes it exact: resumed with an empty buffer, the run differs
+    monkeypatch.setattr(Distiller, "_restore_replay", lambda *_a: None)
+    lost = _distiller(tmp_path / "lost", tiny_lm, "replay", **kw).fit(resume=True)
+    c = load_file(str(lost / "student" / "model.safetensors"))
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_replay_buffer_is_in_every_checkpoint(tmp_path, tiny_lm):
+    import json
+
+    from mentor.engine import checkpoint as ckpt
+    from mentor.engine.loop import ReplayBuffer
+
+    d = _distiller(tmp_path, tiny_lm, "replay", steps=4, checkpoint_every=1,
+                   gen={"reuse": 0.0, "buffer_size": 6})  # fmt: skip
+    d.fit()
+    found = ckpt.list_checkpoints(tmp_path)
+    assert found
+    for folder in found:
+        sums = json.loads((folder / "checksums.json").read_text())
+        assert "replay_rank0.safetensors" in sums and not ckpt.verify(folder)
+    last = ReplayBuffer(6)
+    last.load_state_tensors(ckpt.load_rank_tensors(found[-1], "replay", 0))
+    assert [(p.tolist(), c.tolist(), i) for p, c, i in last.items] == [
+        (p.tolist(), c.tolist(), i) for p, c, i in d.replay.items
+    ]
+    (found[-1] / "replay_rank0.safetensors").write_bytes(b"damaged")
+    assert any("replay_rank0.safetensors" in p for p in ckpt.verify(found[-1]))
+
+
+def test_replay_buffer_round_trip_and_empty():
+    from mentor.engine.loop import ReplayBuffer
+
+    buf = ReplayBuffer(3)
+    buf.load_state_tensors(buf.state_tensors())  # an empty buffer saves and loads
+    assert len(buf) == 0
+    b = collate([Prompts()[i] for i in range(4)])
+    buf.add(b)
+    assert len(buf) == 3 and [i for _, _, i in buf.items] == [1, 2, 3]
+    again = ReplayBuffer(3)
+    again.load_state_tensors(buf.state_tensors())
+    assert [(p.tolist(), c.tolist(), i) for p, c, i in again.items] == [
+        (p.tolist(), c.tolist(), i) for p, c, i in buf.items
+    ]
+    batch = again.sample(3, torch.Generator().manual_seed(0), PAD, prompt_length=True)
+    assert sorted(_rows(batch)) == sorted(_rows(collate([Prompts()[i] for i in (1, 2, 3)])))
+    assert batch["prompt_length"] == batch["prompt_ids"].shape[1]
+
+
+def test_replay_keys_are_validated_and_reuse_ramps():
+    from mentor.config import ConfigError, GenerationConfig, validate
+
+    for key, bad in [("buffer_size", 0), ("reuse", 1.5), ("reuse", -0.1),
+                     ("reuse_warmup_steps", -1)]:  # fmt: skip
+        with pytest.raises(ConfigError, match=f"generation.{key}"):
+            validate({"generation": {"mode": "replay", key: bad}})
+    with pytest.raises(ConfigError, match="Did you mean 'reuse'"):
+        validate({"generation": {"mode": "replay", "reuses": 0.5}})
+    g = validate({"generation": {"mode": "replay"}}).generation
+    assert (g.buffer_size, g.reuse, g.reuse_warmup_steps) == (1000, 0.5, 0)
+    assert g.reuse_at(0) == 0.5
+    g = GenerationConfig(mode="replay", reuse=0.8, reuse_warmup_steps=4)
+    assert [g.reuse_at(s) for s in (0, 2, 4, 10)] == [0.0, 0.4, 0.8, 0.8]

@@ -270,3 +270,17 @@ def test_fault_injection_suite_at_smoke_size(monkeypatch, tmp_path):
     assert n["nan_caught_at_step"] == n["nan_injected"] == 1
     assert n["io_clean_errors"] == n["io_nothing_lost"] == n["io_faults"] == 2
     assert all(r["detected"] and r["named"] and r["recovered"] for r in rows), rows
+
+
+def test_resume_accepts_a_config_saved_before_new_keys_existed(tmp_path):
+    """A key mentor added later (here: the whole generation section) takes its default."""
+    import yaml
+
+    run = tmp_path / "run"
+    _run(run, "train.max_steps=4", "train.checkpoint_every=2")
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    saved.pop("generation")
+    saved["train"].pop("checkpoint_minutes")
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    res = _run(run, "train.max_steps=6", resume=True)
+    assert max(r["step"] for r in _records(res.run_dir)) == 6

@@ -207,19 +207,40 @@ class GenerationConfig(_Strict):
     of Language Models: Learning from Self-Generated Mistakes", 2024), ``mixed`` (a fraction
     ``lambda`` of the batches on-policy, the rest from the data — GKD's λ), ``seq_kd`` (the
     teacher samples the completions; Kim & Rush, "Sequence-Level Knowledge Distillation",
-    2016). The loss counts only completion positions.
+    2016), ``replay`` (the student samples, and its samples are kept in a replay buffer and
+    reused — the off-policy part of DistiLLM's adaptive off-policy approach, Ko et al.,
+    "DistiLLM: Towards Streamlined Distillation for Large Language Models", ICML 2024). The loss
+    counts only completion positions.
+
+    ``replay`` keys: ``buffer_size`` (most sequences kept, oldest dropped first), ``reuse`` (the
+    probability that a micro-batch is drawn from the buffer instead of freshly sampled, once the
+    buffer holds at least one micro-batch of sequences) and ``reuse_warmup_steps`` (``reuse``
+    ramps linearly from 0 at step 0 to its value at this step; 0 = constant from the start).
+    DistiLLM's own off-policy schedule, fresh samples with probability ``1 - t/T``, is
+    ``reuse: 1`` with ``reuse_warmup_steps`` = the run's total steps; its other, adaptive part
+    (student samples vs. the data's, switched by the validation loss) is not built: ``replay``
+    always trains on student samples. See ``docs/config.md``.
     """
 
     model_config = ConfigDict(
         extra="forbid", validate_assignment=True, populate_by_name=True, serialize_by_alias=True
     )
 
-    mode: Literal["off", "on_policy", "mixed", "seq_kd"] = "off"
+    mode: Literal["off", "on_policy", "mixed", "seq_kd", "replay"] = "off"
     lambda_: float = Field(0.5, ge=0, le=1, alias="lambda")
     max_new_tokens: int = Field(32, ge=1)
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)
+    buffer_size: int = Field(1000, ge=1)
+    reuse: float = Field(0.5, ge=0, le=1)
+    reuse_warmup_steps: int = Field(0, ge=0)
+
+    def reuse_at(self, step: int) -> float:
+        """The probability of a replayed micro-batch at optimizer step ``step`` (0-based)."""
+        if self.reuse_warmup_steps == 0:
+            return self.reuse
+        return self.reuse * min(1.0, step / self.reuse_warmup_steps)
 
 
 class RunConfig(_Strict):

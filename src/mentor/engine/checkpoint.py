@@ -2,12 +2,14 @@
 
 Layout of ``RUN/checkpoints/step_00000100/``: ``trainable.safetensors`` (student + objective
 projectors), ``optimizer.pt``, ``scheduler.pt`` (tensors and numbers only; loaded with
-``weights_only=True``), ``teacher.safetensors`` (EMA teachers only), ``rng_rank{r}.json`` and
-``state.json`` (step, data position, early-stopping and objective state), and
-``checksums.json`` (sha256 and size of every other file). A checkpoint is written under a
-hidden temporary name and renamed when complete, so a kill never leaves a checkpoint that
-looks complete but isn't; loading verifies every checksum first, and a damaged checkpoint
-(truncated, byte-flipped, missing a file) is reported and the previous one is used instead.
+``weights_only=True``), ``teacher.safetensors`` (EMA teachers only), ``rng_rank{r}.json``,
+per-process tensors ``{name}_rank{r}.safetensors`` (``replay_rank{r}.safetensors``: the
+replay buffer of ``generation.mode=replay``), ``state.json`` (step, data position,
+early-stopping and objective state), and ``checksums.json`` (sha256 and size of every other
+file, every process's files included). A checkpoint is written under a hidden temporary name
+and renamed when complete, so a kill never leaves a checkpoint that looks complete but isn't;
+loading verifies every checksum first, and a damaged checkpoint (truncated, byte-flipped,
+missing a file) is reported and the previous one is used instead.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import math
 import os
 import random
 import shutil
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -100,10 +103,26 @@ def _set_rng_state(s: dict[str, Any]) -> None:
     torch.set_rng_state(torch.tensor(s["torch"], dtype=torch.uint8))
 
 
+def rank_file(folder: Path, name: str, rank: int) -> Path:
+    """Where process ``rank`` keeps its tensors ``name`` in a checkpoint folder."""
+    return folder / f"{name}_rank{rank}.safetensors"
+
+
+def load_rank_tensors(folder: Path, name: str, rank: int) -> dict[str, torch.Tensor] | None:
+    """Process ``rank``'s tensors ``name`` from a checkpoint (None when it has none)."""
+    f = rank_file(folder, name, rank)
+    return load_file(str(f)) if f.exists() else None
+
+
 def save(
-    run: Path, acc: Any, model: Any, optimizer: Any, scheduler: Any, teacher: Any, state: dict
-) -> Path:
-    """Write the checkpoint of ``state['step']`` atomically (with checksums); prune old ones."""
+    run: Path, acc: Any, model: Any, optimizer: Any, scheduler: Any, teacher: Any, state: dict,
+    *, rank_tensors: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+) -> Path:  # fmt: skip
+    """Write the checkpoint of ``state['step']`` atomically (with checksums); prune old ones.
+
+    ``rank_tensors``: this process's own state, ``{name: {key: tensor}}``, written as
+    ``{name}_rank{r}.safetensors`` by each process before the checksums are computed.
+    """
     step = state["step"]
     final = _ckpt_dir(run) / f"step_{step:08d}"
     tmp = _ckpt_dir(run) / f".tmp-step_{step:08d}"
@@ -112,6 +131,9 @@ def save(
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
     (tmp / f"rng_rank{acc.process_index}.json").write_text(json.dumps(_rng_state()))
+    for name, tensors in (rank_tensors or {}).items():
+        flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        save_file(flat, str(rank_file(tmp, name, acc.process_index)))
     acc.wait_for_everyone()
     if acc.is_main_process:
         save_model(model, str(tmp / "trainable.safetensors"))
@@ -131,13 +153,16 @@ def save(
 
 
 def load_latest(
-    run: Path, acc: Any, model: Any, optimizer: Any, scheduler: Any, teacher: Any
-) -> dict[str, Any] | None:
+    run: Path, acc: Any, model: Any, optimizer: Any, scheduler: Any, teacher: Any,
+    *, restore: Callable[[Path], None] | None = None,
+) -> dict[str, Any] | None:  # fmt: skip
     """Restore the newest intact checkpoint; returns its state (None when there is none).
 
     Each checkpoint's files are verified against ``checksums.json`` before anything is loaded;
     a damaged one is reported and the previous one tried. When checkpoints exist but none is
     intact, :class:`CheckpointError` is raised (training never silently restarts at step 0).
+    ``restore(folder)`` is called last for the caller's own state (e.g. its
+    :func:`load_rank_tensors`); if it fails, the checkpoint counts as damaged.
     """
     found = list_checkpoints(run)
     if not found:
@@ -148,6 +173,8 @@ def load_latest(
         if not problems:
             try:
                 state = _load(d, acc, model, optimizer, scheduler, teacher)
+                if restore is not None:
+                    restore(d)
             except CheckpointError:
                 raise
             except Exception as e:  # e.g. a file that verifies but cannot be read

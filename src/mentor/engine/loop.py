@@ -17,6 +17,7 @@ import json
 import math
 import signal
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -163,6 +164,99 @@ class _LocalAccelerator:
         print(*args)
 
 
+class ReplayBuffer:
+    """Student samples kept for reuse (``generation.mode=replay``; DistiLLM's replay buffer).
+
+    A FIFO of at most ``size`` sequences on the CPU: each is its real prompt tokens, its counted
+    completion tokens (EOS included; padding is not stored) and its example id. :meth:`sample`
+    draws distinct sequences uniformly with a given generator and lays them out like a prompt
+    batch (prompts left-padded to a common end column ``P``, completions right-padded after
+    it), so ``position_ids`` and the completion-only loss work as for a fresh batch.
+    """
+
+    def __init__(self, size: int) -> None:
+        """An empty buffer of at most ``size`` sequences."""
+        self.items: deque[tuple[Tensor, Tensor, int | None]] = deque(maxlen=size)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def add(self, batch: dict[str, Any]) -> None:
+        """Keep every row of a generated prompt batch (the oldest rows go first when full)."""
+        p = batch["prompt_ids"].shape[1]
+        ids, mask, comp = (
+            batch[k].detach().cpu() for k in ("input_ids", "attention_mask", "completion_mask")
+        )
+        index = batch.get("index")
+        for r in range(ids.shape[0]):
+            prompt = ids[r, :p][mask[r, :p].bool()].clone()
+            completion = ids[r, p:][comp[r, p:].bool()].clone()
+            idx = int(index[r]) if isinstance(index, Tensor) else None
+            self.items.append((prompt, completion, idx))
+
+    def sample(
+        self, n: int, generator: torch.Generator, pad_token_id: int, prompt_length: bool = False
+    ) -> dict[str, Any]:
+        """``n`` distinct sequences drawn uniformly, re-padded as one prompt batch (CPU).
+
+        The batch has ``input_ids``, ``attention_mask``, ``completion_mask``, ``prompt_ids``,
+        ``prompt_mask``, ``index`` (when every sequence has one) and, with ``prompt_length``,
+        the int ``prompt_length`` (``P``) the ``prompts`` data collate also gives.
+        """
+        pick = torch.randperm(len(self.items), generator=generator)[:n].tolist()
+        rows = [self.items[k] for k in pick]
+        big_p = max(len(pr) for pr, _, _ in rows)
+        big_c = max(len(co) for _, co, _ in rows)
+        ids = torch.full((len(rows), big_p + big_c), int(pad_token_id), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        comp = torch.zeros_like(ids)
+        for r, (pr, co, _) in enumerate(rows):
+            lo, hi = big_p - len(pr), big_p + len(co)
+            ids[r, lo:big_p], ids[r, big_p:hi] = pr, co
+            mask[r, lo:hi] = 1
+            comp[r, big_p:hi] = 1
+        out: dict[str, Any] = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "completion_mask": comp,
+            "prompt_ids": ids[:, :big_p].clone(),
+            "prompt_mask": mask[:, :big_p].clone(),
+        }
+        if all(idx is not None for _, _, idx in rows):
+            out["index"] = torch.tensor([idx for _, _, idx in rows], dtype=torch.long)
+        if prompt_length:
+            out["prompt_length"] = big_p
+        return out
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """The buffer as padded tensors (oldest first), for a checkpoint."""
+        n = len(self.items)
+        plens = torch.tensor([len(pr) for pr, _, _ in self.items], dtype=torch.long)
+        clens = torch.tensor([len(co) for _, co, _ in self.items], dtype=torch.long)
+        prompts = torch.zeros((n, int(plens.max()) if n else 0), dtype=torch.long)
+        completions = torch.zeros((n, int(clens.max()) if n else 0), dtype=torch.long)
+        for r, (pr, co, _) in enumerate(self.items):
+            prompts[r, : len(pr)], completions[r, : len(co)] = pr, co
+        out = {
+            "prompts": prompts,
+            "prompt_lengths": plens,
+            "completions": completions,
+            "completion_lengths": clens,
+        }
+        if n and all(idx is not None for _, _, idx in self.items):
+            out["index"] = torch.tensor([idx for _, _, idx in self.items], dtype=torch.long)
+        return out
+
+    def load_state_tensors(self, t: Mapping[str, Tensor]) -> None:
+        """Replace the contents by those of :meth:`state_tensors`."""
+        self.items.clear()
+        index = t.get("index")
+        for r in range(int(t["prompt_lengths"].shape[0])):
+            pr = t["prompts"][r, : int(t["prompt_lengths"][r])].clone()
+            co = t["completions"][r, : int(t["completion_lengths"][r])].clone()
+            self.items.append((pr, co, int(index[r]) if index is not None else None))
+
+
 class Distiller:
     """Train ``student`` to imitate ``teacher`` under ``objective``.
 
@@ -254,6 +348,7 @@ class Distiller:
             and linear_head(teacher.module) is not None
         )
         self.history: list[dict[str, Any]] = []
+        self.replay: ReplayBuffer | None = None  # generation.mode=replay: set up by fit()
 
     # ------------------------------------------------------------------ set-up helpers
     def _steps_per_epoch(self, world: int) -> int:
@@ -288,9 +383,14 @@ class Distiller:
         """Replace the completions of this step's prompt batches by generated ones.
 
         ``on_policy``: the student samples (current weights); ``seq_kd``: the teacher samples;
-        ``mixed``: each micro-batch is on-policy with probability ``generation.lambda``. The
-        draws come from a generator seeded by (seed, step, micro-batch, rank), so a resumed run
-        samples exactly what the uninterrupted run sampled.
+        ``mixed``: each micro-batch is on-policy with probability ``generation.lambda``;
+        ``replay``: each micro-batch is, with probability ``generation.reuse_at(step)`` once the
+        replay buffer holds at least one micro-batch of sequences, drawn uniformly from the
+        buffer (earlier student samples, reused off-policy), else sampled fresh by the student
+        and added to the buffer (DistiLLM's adaptive off-policy approach, see
+        ``docs/config.md``). Every draw (samples, coins, buffer picks) comes from a generator
+        seeded by (seed, step, micro-batch, rank) and the buffer is saved in checkpoints, so a
+        resumed run samples exactly what the uninterrupted run sampled.
         """
         g = self.cfg.generation
         if g.mode == "off":
@@ -299,6 +399,9 @@ class Distiller:
             max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
             top_k=g.top_k,
         )  # fmt: skip
+        if g.mode == "replay" and self.replay is None:
+            self.replay = ReplayBuffer(g.buffer_size)
+        replay = self.replay if g.mode == "replay" else None
         out = []
         for i, batch in enumerate(window):
             seed = ((self.cfg.train.seed * 1_000_003 + step) * 1009 + i) * 131 + rank
@@ -307,21 +410,41 @@ class Distiller:
                 if float(torch.rand((), generator=coin)) >= g.lambda_:
                     out.append(batch)  # off-policy: the data's own completion
                     continue
-            rng = torch.Generator(device=device).manual_seed(seed)
             model = self._generator_model()
-            cfg = getattr(model, "config", None)
-            eos = getattr(cfg, "eos_token_id", None)
-            pad = getattr(cfg, "pad_token_id", None)
-            pad = pad if isinstance(pad, int) else (eos if isinstance(eos, int) else 0)
+            eos, pad = _eos_and_pad(model)
+            if replay is not None:  # DistiLLM's off-policy coin: reuse earlier samples
+                n = int(batch["prompt_ids"].shape[0])
+                coin = torch.Generator().manual_seed(seed + 7919)
+                draw = float(torch.rand((), generator=coin))
+                if len(replay) >= n and draw < g.reuse_at(step):
+                    pick = torch.Generator().manual_seed(seed + 104_729)
+                    old = replay.sample(n, pick, pad, prompt_length="prompt_length" in batch)
+                    out.append(_to_device(old, device))
+                    continue
+            rng = torch.Generator(device=device).manual_seed(seed)
             gen = generate(
                 model, batch["prompt_ids"], batch["prompt_mask"], sampling,
                 generator=rng, eos_token_id=eos, pad_token_id=pad,
             )  # fmt: skip
-            out.append(
-                {**batch, "input_ids": gen.input_ids, "attention_mask": gen.attention_mask,
-                 "completion_mask": gen.completion_mask}
-            )  # fmt: skip
+            new = {**batch, "input_ids": gen.input_ids, "attention_mask": gen.attention_mask,
+                   "completion_mask": gen.completion_mask}  # fmt: skip
+            if replay is not None:
+                replay.add(new)
+            out.append(new)
         return out
+
+    def _restore_replay(self, folder: Path, rank: int, acc: Any) -> None:
+        """Load this process's replay buffer from a checkpoint folder (empty if it has none)."""
+        assert self.replay is not None
+        saved = ckpt.load_rank_tensors(folder, "replay", rank)
+        if saved is None:
+            self.replay.items.clear()
+            acc.print(f"{folder.name} holds no replay buffer of process {rank}: it starts empty")
+        else:
+            self.replay.load_state_tensors(saved)
+
+    def _rank_tensors(self) -> dict[str, dict[str, Tensor]] | None:
+        return {"replay": self.replay.state_tensors()} if self.replay is not None else None
 
     def _generator_model(self) -> nn.Module:
         if self.cfg.generation.mode != "seq_kd":
@@ -464,8 +587,17 @@ class Distiller:
             )
 
         state = {"step": 0, "epoch": 0, "pos": 0, "best": None, "bad_evals": 0}
+        g = self.cfg.generation
+        self.replay = ReplayBuffer(g.buffer_size) if g.mode == "replay" else None
         if resume:
-            loaded = ckpt.load_latest(self.out, acc, self.model, optimizer, scheduler, self.teacher)
+
+            def restore(folder: Path) -> None:
+                if self.replay is not None:
+                    self._restore_replay(folder, rank, acc)
+
+            loaded = ckpt.load_latest(
+                self.out, acc, self.model, optimizer, scheduler, self.teacher, restore=restore
+            )
             if loaded is None:
                 acc.print(f"no checkpoint in {self.out}/checkpoints: starting from step 0")
             else:
@@ -584,7 +716,8 @@ class Distiller:
                 due = due or bool(ck_every and step % ck_every == 0) or bool(stop_signal)
                 if self.write_run and due and (step < total or stop_signal):
                     c0 = time.perf_counter()
-                    ckpt.save(self.out, acc, self.model, optimizer, scheduler, self.teacher, state)
+                    ckpt.save(self.out, acc, self.model, optimizer, scheduler, self.teacher,
+                              state, rank_tensors=self._rank_tensors())  # fmt: skip
                     last_ck = time.perf_counter()
                     ck_cost = last_ck - c0
                     ck_total += ck_cost
@@ -601,7 +734,8 @@ class Distiller:
             _restore_signal_handlers(old_handlers)
 
         if self.write_run:
-            ckpt.save(self.out, acc, self.model, optimizer, scheduler, self.teacher, state)
+            ckpt.save(self.out, acc, self.model, optimizer, scheduler, self.teacher, state,
+                      rank_tensors=self._rank_tensors())  # fmt: skip
         if main and self.write_run:
             self.save_student(self.model.student, self.out / "student")
         acc.wait_for_everyone()
@@ -716,6 +850,15 @@ def _check_generation(cfg: RunConfig, task: Task, data: Dataset) -> None:
             f"generation.mode={mode} needs prompt data: set data.source=prompts (JSONL "
             "prompts/completions or text cut into prompt/continuation pairs)"
         )
+
+
+def _eos_and_pad(model: nn.Module) -> tuple[Any, int]:
+    """A generating model's EOS id(s) and the id written as padding (its pad, else EOS, else 0)."""
+    cfg = getattr(model, "config", None)
+    eos = getattr(cfg, "eos_token_id", None)
+    pad = getattr(cfg, "pad_token_id", None)
+    pad = pad if isinstance(pad, int) else (eos if isinstance(eos, int) else 0)
+    return eos, pad
 
 
 def _guess_task(data: Dataset) -> str:

@@ -107,6 +107,12 @@ def check_output(cfg: Any, resume: bool) -> list[tuple[str, Any, Any]]:
         raise ValueError(
             f"{saved} is not valid YAML ({e}): cannot check the resumed config"
         ) from None
+    try:  # keys added to mentor since the run was saved get their defaults
+        from mentor.config import validate
+
+        old = yaml.safe_load(dump_config(validate(old)))
+    except ValueError:
+        pass  # compare what was saved, as it is
     new = yaml.safe_load(dump_config(cfg))
     changes = config_changes(old, new)
     refused = [c for c in changes if c[0] not in RESUMABLE]
