@@ -75,7 +75,11 @@ def _need(recipe: str) -> None:
 
 
 def _recipe_of(args: list[str]) -> str | None:
-    if len(args) > 1 and args[0] in ("distill", "cache", "plan") and args[1] != "verify":
+    if (
+        len(args) > 1
+        and args[0] in ("distill", "cache", "plan", "generate")
+        and args[1] != "verify"
+    ):
         return args[1]
     return None
 

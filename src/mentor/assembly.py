@@ -1,6 +1,6 @@
 """Assembly: turn a recipe (``RunConfig``) into parts, one way for every command.
 
-``distill``, ``cache``, ``plan``, ``eval`` and ``demo`` all start here:
+``distill``, ``cache``, ``plan``, ``eval``, ``generate`` and ``demo`` all start here:
 
 * **data**: built once, tokenised with the teacher's tokenizer whenever the source is text;
 * **teacher module**: loaded (``teacher.path``) or built, and fitted on labels when the recipe
@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torch.utils.data import default_collate
 
 from mentor._console import err as console
+from mentor._version import __version__
 from mentor.config import FitConfig, RunConfig, TeacherConfig, load_config
 from mentor.data import DataBundle, TensorDataset, build_data
 from mentor.engine import Distiller
@@ -763,6 +764,346 @@ def plan_recipe(
     )
 
 
+# ----------------------------------------------------------------------------- mentor generate
+
+GENERATE_KIND = "mentor generate"
+GENERATE_FORMAT = 1
+META_SUFFIX = ".meta.json"
+# meta keys that describe the file but do not change what is generated (never compared)
+_INFORMATIONAL = ("kind", "recipe", "run", "model.name", "mentor_version", "created", "device")
+
+
+def generation_seed(seed: int, index: int, sample: int) -> int:
+    """Seed of the generator drawing sample ``sample`` of example ``index`` (``mentor generate``).
+
+    The first 63 bits of sha256("mentor-generate/<seed>/<index>/<sample>"): one independent
+    stream per (run seed, stable example id, sample number), without the collisions of a
+    linear mix.
+    """
+    digest = hashlib.sha256(f"mentor-generate/{seed}/{index}/{sample}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
+
+
+def generate_meta_path(out: str | Path) -> Path:
+    """The provenance sidecar of a generated file: ``FILE.jsonl.meta.json``."""
+    out = Path(out)
+    return out.with_name(out.name + META_SUFFIX)
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def generate_meta_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The keys (dotted) whose values differ between two generation metas, with both values.
+
+    Informational keys (recipe name, run folder, model name, mentor version, creation time,
+    device) are not compared: they do not change what is generated.
+    """
+    a, b = _flat(old), _flat(json.loads(json.dumps(new, default=str)))
+    skip = lambda k: any(k == s or k.startswith(s + ".") for s in _INFORMATIONAL)  # noqa: E731
+    return [
+        f"{k} (file: {json.dumps(a.get(k))}, now: {json.dumps(b.get(k))})"
+        for k in sorted(set(a) | set(b))
+        if not skip(k) and a.get(k) != b.get(k)
+    ]
+
+
+def _read_generated(out: Path) -> tuple[list[dict[str, Any]], int]:
+    """The complete lines of a generated file and how many bytes a torn last line had.
+
+    The torn tail (no final newline: the process was killed mid-write) is cut off the file.
+    A complete line that is not a JSON object with integer ``index`` and ``sample`` is refused.
+    """
+    if not out.exists():
+        return [], 0
+    data = out.read_bytes()
+    keep = data.rfind(b"\n") + 1
+    torn = len(data) - keep
+    if torn:
+        with open(out, "r+b") as f:
+            f.truncate(keep)
+    rows = []
+    for n, line in enumerate(data[:keep].split(b"\n")[:-1], 1):
+        try:
+            r = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{out}:{n}: not valid JSON ({e}); the file is damaged") from None
+        ok = isinstance(r, dict) and all(
+            isinstance(r.get(k), int) and not isinstance(r.get(k), bool)
+            for k in ("index", "sample")
+        )
+        if not ok:
+            raise ValueError(f'{out}:{n}: not a generated line (needs integer "index", "sample")')
+        rows.append(r)
+    return rows, torn
+
+
+def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+def generate_recipe(
+    cfg: RunConfig,
+    out: str | Path,
+    *,
+    source: str = "teacher",
+    run_dir: str | Path | None = None,
+    split: str = "train",
+    samples_per_prompt: int = 1,
+    batch_size: int = 8,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """``mentor generate``: completions of a recipe's prompts, for sequence-level KD.
+
+    Sequence-level knowledge distillation (Kim & Rush, "Sequence-Level Knowledge
+    Distillation", EMNLP 2016) trains the student on the teacher's own output sequences. This
+    samples them once, with the recipe's ``generation`` settings (``max_new_tokens``,
+    ``temperature`` — 0 is greedy —, ``top_p``, ``top_k``), for every prompt of the recipe's
+    ``prompts`` data (``split``: train or val), and writes ``out`` (a ``.jsonl`` file), one line
+    per kept (example, sample)::
+
+        {"index": id, "sample": k, "prompt": text, "completion": text,
+         "prompt_ids": [...], "completion_ids": [...]}
+
+    which ``data.source=prompts data.params.path=out`` reads back (``prompt``/``completion``;
+    other fields are ignored). ``completion_ids`` are exactly the generated tokens that count,
+    EOS included; ``completion`` is their text with special tokens skipped, so reading the file
+    back gives those ids less any special token (EOS, padding) — add a terminator to the text
+    yourself if the student should learn to stop.
+    ``prompt`` is the prompt's text with special tokens skipped — except for
+    ``chat_template`` data, whose prompt is the rendered template (read it back with
+    ``chat_template: false``).
+
+    ``source``: ``teacher`` (the recipe's teacher module, :meth:`Assembly.module`) or
+    ``student`` (the trained student of the finished run ``run_dir``, :func:`load_run`). With
+    ``teacher``, ``run_dir`` is only where a fitted teacher's copy may be (``RUN/teacher``).
+
+    **Seeding.** Every sample is generated alone (a batch of one, no padding) from a CPU
+    :class:`torch.Generator` seeded by :func:`generation_seed` of (``train.seed``, the example's
+    stable id, the sample number). A line therefore depends on the model, the prompt and those
+    three numbers only — not on ``batch_size``, on which other examples are generated, or on
+    resuming. ``batch_size`` is how many prompts are collated, written and flushed together.
+    Greedy decoding (``temperature: 0``) generates sample 0 only; its other samples are the same
+    sequence and count as duplicates.
+
+    **Provenance.** ``out.meta.json`` is written before any line: recipe, source, model
+    (``weights_sha256``), tokenizer (name, sha256), sampling settings, seed, split,
+    samples_per_prompt, data spec and fingerprint, mentor version, creation time.
+
+    **Resume and dedupe.** Lines are written in data order and flushed per batch. Running the
+    same command again drops a torn last line (a kill mid-write) and appends only what is
+    missing: the examples without lines, and the samples after the last one written of the
+    last example in the file — so a resumed file is byte-identical to an uninterrupted one. A
+    completion whose text equals an earlier one of the same example is not written (counted in
+    ``duplicates``). A meta that differs in anything but its informational keys is refused,
+    naming the keys, unless ``overwrite``; a file without our meta sidecar is never touched.
+
+    Returns a summary: ``file``, ``meta``, ``examples``, ``samples_per_prompt``, ``written``
+    (lines this call), ``duplicates`` (skipped this call), ``generated`` (sequences sampled this
+    call), ``existing`` (lines kept from before), ``lines`` (in the file now), ``torn_bytes``.
+    """
+    from mentor.cache.format import data_fingerprint, tokenizer_hash, weights_hash
+    from mentor.generation import SamplingConfig, generate
+    from mentor.models.assets import load_tokenizer
+
+    out = Path(out)
+    meta_path = generate_meta_path(out)
+    if out.suffix.lower() != ".jsonl":
+        raise ValueError(
+            f"--out {out}: use a .jsonl file (data.source=prompts reads .jsonl prompt files)"
+        )
+    if source not in ("teacher", "student"):
+        raise ValueError(f"--source {source!r}: choose teacher or student")
+    if source == "student" and run_dir is None:
+        raise ValueError("--source student samples a finished run's student: give --run RUN_DIR")
+    if split not in ("train", "val"):
+        raise ValueError(f"--split {split!r}: choose train or val")
+    for key, v in (("--samples-per-prompt", samples_per_prompt), ("--batch-size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{key} {v!r}: use a positive integer")
+    if out.exists() and not meta_path.exists():
+        raise FileExistsError(
+            f"{out} exists and was not written by mentor generate (no {meta_path.name}): "
+            "move it away or choose another --out"
+        )
+
+    asm = Assembly(cfg, run_dir=run_dir if source == "teacher" else None)
+    bundle = asm.data
+    if not bundle.info.extra.get("prompts"):
+        raise ValueError(
+            f"mentor generate needs prompt data (data.source=prompts); this recipe's "
+            f"data.source={cfg.data.source!r} has no prompts to complete"
+        )
+    data = bundle.train if split == "train" else bundle.val
+    if source == "teacher":
+        model = asm.module()
+        spec = [cfg.teacher.builder, model_spec(cfg.teacher.params)]
+        model_name = cfg.teacher.path or " ".join(str(x) for x in spec if x)
+    else:
+        model = load_run(run_dir).student  # type: ignore[arg-type]
+        model_name = str(Path(run_dir) / "student")  # type: ignore[arg-type]
+    if hf_core(model) is None:
+        raise ValueError(
+            f"the {source} ({type(model).__name__}) is not a Hugging Face causal LM, which "
+            "mentor generate samples from"
+        )
+    tok_spec = bundle.info.tokenizer or data_tokenizer(cfg)
+    tok = load_tokenizer(tok_spec)
+    g = cfg.generation
+    sampling = SamplingConfig(
+        max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k
+    ).check()
+    mcfg = getattr(model, "config", None)
+    eos = getattr(mcfg, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(tok, "eos_token_id", None)
+    pad = int(bundle.info.extra.get("pad_token_id", eos if isinstance(eos, int) else 0))
+    chat = bool(bundle.info.extra.get("chat_template"))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    meta = {
+        "kind": GENERATE_KIND,
+        "format": GENERATE_FORMAT,
+        "recipe": cfg.name,
+        "source": source,
+        "run": str(run_dir) if run_dir is not None else None,
+        "model": {"name": model_name, "weights_sha256": weights_hash(model)},
+        "tokenizer": {"name": str(tok_spec), "sha256": tokenizer_hash(tok)},
+        "sampling": {**dataclasses.asdict(sampling), "eos_token_id": eos},
+        "seed": cfg.train.seed,
+        "seeding": "one sequence per generator, seeded by sha256(seed, example id, sample)",
+        "split": split,
+        "samples_per_prompt": samples_per_prompt,
+        "dedupe": "identical completion text of one example written once",
+        "data": {
+            "spec": cfg.data.model_dump(mode="json"),
+            "fingerprint": data_fingerprint(data),
+            "examples": len(data),
+        },
+        "mentor_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "device": device,
+    }
+
+    write_meta = True
+    if meta_path.exists():
+        try:
+            old = json.loads(meta_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            old = None
+        if not isinstance(old, dict) or old.get("kind") != GENERATE_KIND:
+            diff = [f"{meta_path.name} is not a mentor generate record"]
+        else:
+            diff = generate_meta_diff(old, meta)
+        has_lines = out.exists() and out.stat().st_size > 0
+        if diff and has_lines and not overwrite:
+            raise ValueError(
+                f"{out} was generated otherwise: {'; '.join(diff)}. Use another --out, or "
+                "--overwrite to replace it"
+            )
+        if diff and out.exists():
+            out.unlink()  # ours (it has our sidecar), and --overwrite (or empty)
+        write_meta = bool(diff)
+    if write_meta:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(meta_path, meta)
+
+    rows, torn = _read_generated(out)
+    if torn:
+        console.print(f"{out}: dropped a torn last line ({torn} bytes)", highlight=False)
+    ids = [int(data[i]["index"]) for i in range(len(data))]
+    known = set(ids)
+    done: dict[int, set[int]] = {}
+    seen: dict[int, set[str]] = {}
+    for n, r in enumerate(rows, 1):
+        if r["index"] not in known or not 0 <= r["sample"] < samples_per_prompt:
+            raise ValueError(
+                f"{out}:{n}: (index {r['index']}, sample {r['sample']}) is not one of this "
+                f"recipe's {split} examples x {samples_per_prompt} samples; the file is damaged "
+                "(use --overwrite to start again)"
+            )
+        done.setdefault(r["index"], set()).add(r["sample"])
+        seen.setdefault(r["index"], set()).add(str(r.get("completion", "")))
+    last = rows[-1]["index"] if rows else None
+    todo: list[tuple[int, list[int]]] = []  # (position in data, samples still to draw)
+    for pos, idx in enumerate(ids):
+        if idx not in done:
+            todo.append((pos, list(range(samples_per_prompt))))
+        elif idx == last:  # possibly cut short: the samples after the last one written
+            rest = list(range(max(done[idx]) + 1, samples_per_prompt))
+            if rest:
+                todo.append((pos, rest))
+
+    model = model.to(device)
+    collate = asm.collate
+    written = duplicates = generated = 0
+    complete = len(ids) - len(todo)
+    bar = Progress(len(ids), enabled=progress, initial=complete, label="generate", unit="prompts")
+    try:
+        with open(out, "ab") as f:
+            for lo in range(0, len(todo), batch_size):
+                chunk = todo[lo : lo + batch_size]
+                batch = collate([data[pos] for pos, _ in chunk])
+                lines = []
+                for r, (pos, samples) in enumerate(chunk):
+                    idx = ids[pos]
+                    prompt = batch["prompt_ids"][r][batch["prompt_mask"][r].bool()]
+                    p_list = prompt.tolist()
+                    p_text = tok.decode(p_list, skip_special_tokens=not chat)
+                    texts = seen.setdefault(idx, set())
+                    for k in samples:
+                        if sampling.greedy and k > 0:
+                            duplicates += 1  # greedy decoding gives sample 0 again
+                            continue
+                        rng = torch.Generator().manual_seed(generation_seed(cfg.train.seed, idx, k))
+                        gen = generate(
+                            model, prompt[None], torch.ones_like(prompt)[None], sampling,
+                            generator=rng, eos_token_id=eos, pad_token_id=pad,
+                        )  # fmt: skip
+                        generated += 1
+                        keep = gen.completion_mask[0, gen.prompt_length :].bool().cpu()
+                        c_list = gen.completion_ids[0].cpu()[keep].tolist()
+                        c_text = tok.decode(c_list, skip_special_tokens=True)
+                        if c_text in texts:
+                            duplicates += 1
+                            continue
+                        texts.add(c_text)
+                        line = {"index": idx, "sample": k, "prompt": p_text,
+                                "completion": c_text, "prompt_ids": p_list,
+                                "completion_ids": c_list}  # fmt: skip
+                        lines.append(json.dumps(line, ensure_ascii=False) + "\n")
+                f.write("".join(lines).encode())
+                f.flush()
+                written += len(lines)
+                complete += len(chunk)
+                bar.update(complete, {})
+    finally:
+        bar.close()
+    return {
+        "file": str(out),
+        "meta": str(meta_path),
+        "examples": len(ids),
+        "split": split,
+        "samples_per_prompt": samples_per_prompt,
+        "written": written,
+        "duplicates": duplicates,
+        "generated": generated,
+        "existing": len(rows),
+        "lines": len(rows) + written,
+        "torn_bytes": torn,
+    }
+
+
 __all__ = [
     "FROM_TEACHER",
     "Assembly",
@@ -775,6 +1116,10 @@ __all__ = [
     "distill",
     "evaluate_run",
     "fit_on_labels",
+    "generate_meta_diff",
+    "generate_meta_path",
+    "generate_recipe",
+    "generation_seed",
     "load_run",
     "plan_recipe",
     "student_needs_teacher",

@@ -189,6 +189,66 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate_parser() -> argparse.ArgumentParser:
+    """Options of `mentor generate` (options and overrides may be intermixed)."""
+    p = argparse.ArgumentParser(
+        prog="mentor generate",
+        description="Sample completions of a recipe's prompts (data.source=prompts) from its "
+        "teacher, or from a finished run's student, with the recipe's generation: settings, for "
+        "sequence-level KD (Kim & Rush, 2016). Writes FILE.jsonl (one line per example and "
+        'sample: {"index", "sample", "prompt", "completion", "prompt_ids", "completion_ids"}, '
+        "readable as data.source=prompts data.params.path=FILE.jsonl) and its provenance "
+        "FILE.jsonl.meta.json. Seeded per (train.seed, example, sample); the same command "
+        "resumes a killed run; identical completions of one prompt are written once.",
+    )
+    p.add_argument("recipe", help="recipe name or YAML file")
+    p.add_argument("overrides", nargs="*", help="dotted overrides such as generation.top_p=0.9")
+    p.add_argument("--out", help="the .jsonl file to write (or resume)")
+    p.add_argument(
+        "--source",
+        default="teacher",
+        choices=["teacher", "student"],
+        help="sample the recipe's teacher (default) or a finished run's student",
+    )
+    p.add_argument(
+        "--run", default=None, help="run directory whose student samples (--source student)"
+    )
+    p.add_argument("--split", default="train", choices=["train", "val"], help="which prompts")
+    p.add_argument("--samples-per-prompt", type=int, default=1, help="completions per prompt")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts written per flush")
+    p.add_argument("--overwrite", action="store_true", help="replace a file generated otherwise")
+    return p
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from mentor.assembly import generate_recipe
+    from mentor.config import load_config
+
+    args = _generate_parser().parse_intermixed_args(args.args)
+    if not args.out:
+        raise ValueError("mentor generate RECIPE needs --out FILE.jsonl (where lines are written)")
+    cfg = load_config(args.recipe, args.overrides)
+    s = generate_recipe(
+        cfg,
+        args.out,
+        source=args.source,
+        run_dir=args.run,
+        split=args.split,
+        samples_per_prompt=args.samples_per_prompt,
+        batch_size=args.batch_size,
+        overwrite=args.overwrite,
+        progress=cfg.train.progress,
+    )
+    console.print(
+        f"generate {s['file']}: {s['examples']:,} {s['split']} prompts x "
+        f"{s['samples_per_prompt']}, {s['written']:,} lines written ({s['lines']:,} in the "
+        f"file), {s['duplicates']:,} duplicates skipped",
+        highlight=False,
+        soft_wrap=True,
+    )
+    return 0
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     from mentor.assembly import plan_recipe
     from mentor.cache.plan import plan_rows
@@ -206,7 +266,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (subcommands: version, losses, recipes, distill, demo, cache, plan)."""
+    """The argument parser (subcommands: version, losses, recipes, distill, eval, report,
+    compare, demo, cache, plan, generate)."""
     p = argparse.ArgumentParser(
         prog="mentor",
         description="Knowledge distillation: train a small student to imitate a large teacher.",
@@ -249,9 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name, fn, help_ in (
         ("cache", _cmd_cache, "run a recipe's teacher once and store its signals (see -h)"),
         ("plan", _cmd_plan, "estimate parameters, FLOPs, cache size and logit memory"),
+        ("generate", _cmd_generate, "sample completions of a recipe's prompts (seq-KD data)"),
     ):
         s = sub.add_parser(name, help=help_, add_help=False, prefix_chars="\0")
-        s.add_argument("args", nargs=argparse.REMAINDER)  # parsed by _cache_parser (intermixed)
+        s.add_argument(
+            "args", nargs=argparse.REMAINDER
+        )  # parsed by _cache_parser, _generate_parser
         s.set_defaults(fn=fn)
     return p
 
