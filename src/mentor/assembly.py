@@ -666,7 +666,15 @@ def evaluate_run(
     if baseline is not None:
         models["student_no_kd"] = load_run(baseline).student
     models["student"] = loaded.student
-    result = evaluate_models(models, loaded.bundle, measure=measure)
+    from mentor.generation import SamplingConfig
+
+    g = loaded.cfg.generation
+    sampling = SamplingConfig(
+        max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k
+    )
+    result = evaluate_models(
+        models, loaded.bundle, measure=measure, sampling=sampling, seed=loaded.cfg.train.seed
+    )
     result["run"] = str(run_dir)
     result["name"] = loaded.cfg.name
     result["seed"] = loaded.cfg.train.seed

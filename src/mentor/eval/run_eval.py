@@ -14,6 +14,8 @@ from torch import nn
 from torch.utils.data import default_collate
 
 from mentor.eval.cost import machine, measure_cost
+from mentor.eval.generation_metrics import generation_diagnostics, ids_as_text
+from mentor.generation import SamplingConfig
 from mentor.progress import Progress
 from mentor.tasks import heldout
 
@@ -25,11 +27,20 @@ def evaluate_models(
     collate: Callable | None = None,
     measure: bool = True,
     progress: bool = True,
+    sampling: SamplingConfig | None = None,
+    seed: int = 0,
+    max_prompts: int = 32,
 ) -> dict[str, Any]:
     """Quality, fidelity, calibration and cost of named models on ``bundle.val``.
 
     The metrics come from :func:`mentor.tasks.heldout`, the path training-time evaluation and
     ``final_metrics.json`` use too; cost is measured for every model in this one process.
+
+    For a causal LM on prompt data (``bundle.info.extra["prompts"]``) with a ``teacher`` and at
+    least one other model, each model also gets a ``generation`` block
+    (:func:`mentor.eval.generation_metrics.generation_diagnostics`) computed on its own samples
+    for the first ``max_prompts`` held-out prompts (0 = off), drawn with ``sampling``
+    (default: :class:`SamplingConfig` defaults) from a generator seeded with ``seed``.
     """
     collate = collate or getattr(bundle, "collate", None) or default_collate
     task = bundle.info.task
@@ -50,6 +61,39 @@ def evaluate_models(
             res[name]["cost"] = measure_cost(m, bundle.val, collate=collate)
             bar.update(i + 1, {})
         bar.close()
+    gen_settings = None
+    if (
+        task == "causal_lm"
+        and bundle.info.extra.get("prompts")
+        and "teacher" in models
+        and len(models) > 1
+        and max_prompts > 0
+        and len(bundle.val) > 0
+    ):
+        sampling = sampling or SamplingConfig()
+        n = min(int(max_prompts), len(bundle.val))
+        items = [bundle.val[i] for i in range(n)]
+        prompt_batches = [collate(items[lo : lo + 8]) for lo in range(0, n, 8)]
+        decode = _decoder(bundle.info.tokenizer)
+        blocks = generation_diagnostics(
+            models,
+            prompt_batches,
+            sampling,
+            seed=seed,
+            pad_token_id=bundle.info.extra.get("pad_token_id"),
+            decode=decode,
+        )
+        for name, block in blocks.items():
+            res[name]["generation"] = block
+        gen_settings = {
+            "prompts": n,
+            "seed": int(seed),
+            "max_new_tokens": sampling.max_new_tokens,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "top_k": sampling.top_k,
+            "decoded": decode is not ids_as_text,
+        }
     out: dict[str, Any] = {
         "task": task,
         "split": "val",
@@ -58,6 +102,8 @@ def evaluate_models(
         "machine": machine(),
         "models": res,
     }
+    if gen_settings is not None:
+        out["generation"] = gen_settings
     if measure and "teacher" in res:
         tc = res["teacher"]["cost"]
         out["speedup"] = {
@@ -70,6 +116,16 @@ def evaluate_models(
             if name != "teacher"
         }
     return out
+
+
+def _decoder(tokenizer: str | None) -> Callable[[list[int]], str]:
+    """Token ids -> text with the data's tokenizer (special tokens kept), else ids as text."""
+    if not tokenizer:
+        return ids_as_text
+    from mentor.models.assets import load_tokenizer
+
+    tok = load_tokenizer(tokenizer)
+    return lambda ids: tok.decode(ids, skip_special_tokens=False)
 
 
 def headline(result: dict[str, Any], name: str) -> dict[str, Any]:

@@ -127,6 +127,12 @@ def build_report(run_dir: str | Path, *, evaluate_if_missing: bool = True) -> Pa
             sections.append(
                 ("Confusion matrix", "", plots.confusion(conf, names, pdir / "confusion.png"))
             )
+    raw_html: dict[str, str] = {}
+    gen = generation_section(ev) if ev else None
+    if gen:
+        md_text, html_text = gen
+        sections.append((GENERATION_TITLE, md_text, None))
+        raw_html[GENERATION_TITLE] = html_text
     sections.append(("Setup", _setup_text(cfg, ev), None))
 
     title = f"mentor report: {cfg.get('name', run_dir.name)}"
@@ -137,8 +143,82 @@ def build_report(run_dir: str | Path, *, evaluate_if_missing: bool = True) -> Pa
             md += [f"![{head}](plots/{plot.name})", ""]
     (run_dir / "report.md").write_text("\n".join(md))
     out = run_dir / "report.html"
-    out.write_text(_html(title, sections))
+    out.write_text(_html(title, sections, raw_html))
     return out
+
+
+GENERATION_TITLE = "Generation diagnostics"
+GENERATION_METRICS = (
+    ("teacher_nll", "teacher NLL of own samples (lower: the teacher finds them likelier)"),
+    ("kl_student_teacher_on_samples", "KL(model ‖ teacher) per token on own samples"),
+    ("kl_teacher_student_on_samples", "KL(teacher ‖ model) per token on own samples"),
+    ("distinct_1", "distinct-1 (unique / total unigrams)"),
+    ("distinct_2", "distinct-2 (unique / total bigrams)"),
+    ("mean_completion_tokens", "mean completion tokens"),
+)
+
+
+def _md_cell(text: str) -> str:
+    """Sample text as one markdown table cell: HTML and markdown syntax escaped, lines as <br>."""
+    s = html.escape(text, quote=False)
+    s = re.sub(r"([\\`*_\[\]{}()#+!|~])", r"\\\1", s)
+    return s.replace("\r\n", "\n").replace("\r", "\n").replace("\n", "<br>")
+
+
+def _html_cell(text: str) -> str:
+    return f"<td>{html.escape(text)}</td>"
+
+
+def generation_section(ev: dict[str, Any]) -> tuple[str, str] | None:
+    """Markdown and HTML of the generation diagnostics of eval.json (None when it has none).
+
+    A table of each metric per model and, per non-teacher model, its sampled completions
+    beside the teacher's for the same prompts.
+    """
+    blocks = {n: m["generation"] for n, m in ev["models"].items() if "generation" in m}
+    if not blocks:
+        return None
+    settings = ev.get("generation", {})
+    names = list(blocks)
+    header = ["metric", *(plots.LABELS.get(n, n) for n in names)]
+    rows = [
+        [label, *(_fmt(blocks[n].get(key, float("nan"))) for n in names)]
+        for key, label in GENERATION_METRICS
+        if any(key in b for b in blocks.values())
+    ]
+    how = (
+        "greedy"
+        if float(settings.get("temperature", 1.0)) == 0
+        else f"temperature {settings.get('temperature')}, top_p {settings.get('top_p')}, "
+        f"top_k {settings.get('top_k')}"
+    )
+    intro = (
+        f"Each model samples one completion per prompt for the first "
+        f"{settings.get('prompts', '?')} held-out prompts ({how}, up to "
+        f"{settings.get('max_new_tokens', '?')} new tokens, seed {settings.get('seed', '?')}); "
+        "the teacher scores every sampled token (on-policy evaluation, Agarwal et al. 2024). "
+        "Distinct-n: Li et al. 2016."
+    )
+    table = _md_table(header, rows)
+    md = [intro, "", table]
+    parts = [_md_inline(intro), _md_inline(table)]
+    for name, block in blocks.items():
+        examples = block.get("examples") or []
+        if not examples:
+            continue
+        label = plots.LABELS.get(name, name)
+        head = f"Samples: {label} beside the teacher"
+        md += ["", f"**{_md_cell(head)}**", "", "| prompt | " + _md_cell(label) + " | teacher |"]
+        md.append("|---|---|---|")
+        parts.append(f"<p><b>{html.escape(head)}</b></p>")
+        cells = "".join(f"<th>{html.escape(h)}</th>" for h in ("prompt", label, "teacher"))
+        rows_html = [f"<table class='samples'><tr>{cells}</tr>"]
+        for ex in examples:
+            texts = [str(ex.get(k, "")) for k in ("prompt", "completion", "teacher_completion")]
+            md.append("| " + " | ".join(_md_cell(t) for t in texts) + " |")
+            rows_html.append("<tr>" + "".join(_html_cell(t) for t in texts) + "</tr>")
+        parts.append("".join(rows_html) + "</table>")
+    return "\n".join(md), "\n".join(parts)
 
 
 def _first_cost(ev: dict[str, Any]) -> dict[str, Any]:
@@ -199,13 +279,19 @@ def _inline(s: str) -> str:
     return re.sub(r"`(.+?)`", r"<code>\1</code>", s)
 
 
-def _html(title: str, sections: list[tuple[str, str, Path | None]]) -> str:
+def _html(
+    title: str, sections: list[tuple[str, str, Path | None]], raw: dict[str, str] | None = None
+) -> str:
+    """The report as one HTML file; ``raw`` maps a section title to ready HTML for its text."""
+    raw = raw or {}
     css = (
         "body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;color:#222}"
         "table{border-collapse:collapse;margin:1em 0;font-size:14px}"
         "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
         "th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}"
         "img{max-width:100%;border:1px solid #eee}code{background:#f6f6f6;padding:0 3px}"
+        "table.samples td{text-align:left;vertical-align:top;white-space:pre-wrap;"
+        "font-family:ui-monospace,monospace;font-size:13px}"
     )
     parts = [
         "<!DOCTYPE html>",
@@ -215,7 +301,9 @@ def _html(title: str, sections: list[tuple[str, str, Path | None]]) -> str:
     ]
     for head, text, plot in sections:
         parts.append(f"<h2>{html.escape(head)}</h2>")
-        if text:
+        if head in raw:
+            parts.append(raw[head])
+        elif text:
             parts.append(_md_inline(text))
         if plot:
             data = base64.b64encode(plot.read_bytes()).decode()
