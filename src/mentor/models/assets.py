@@ -167,13 +167,26 @@ def load_tokenizer(spec: str | ModelRef) -> Any:
     ref = spec if isinstance(spec, ModelRef) else resolve_model(spec)
     if ref.gguf_file:
         cache = _gguf_cache_dir(ref)
-        if (cache / "tokenizer_config.json").exists():
+        if (cache / TOKENIZER_MARK).exists():
             return AutoTokenizer.from_pretrained(str(cache), local_files_only=True)
-        tok = AutoTokenizer.from_pretrained(ref.path, gguf_file=ref.gguf_file)
         cache.mkdir(parents=True, exist_ok=True)
-        tok.save_pretrained(str(cache))
-        return tok
+        return _save_gguf_tokenizer(ref, cache)
     return _from_pretrained(AutoTokenizer, ref)
+
+
+# Written beside a tokenizer converted from GGUF once every file it needs is saved (earlier
+# copies missed chat_template.jinja, so the chat template was lost; they are converted again).
+TOKENIZER_MARK = ".tokenizer-complete"
+
+
+def _save_gguf_tokenizer(ref: ModelRef, folder: Path) -> Any:
+    """Convert the GGUF file's tokenizer (chat template included) and save it in ``folder``."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ref.path, gguf_file=ref.gguf_file)
+    tok.save_pretrained(str(folder))
+    (folder / TOKENIZER_MARK).write_text(ref.spec)
+    return tok
 
 
 def load_pretrained(cls: Any, spec: str | ModelRef, *, convert: bool = True, **kw: Any) -> Any:
@@ -215,12 +228,7 @@ def _save_plain_copy(model: Any, ref: ModelRef, cache: Path) -> None:
         except AttributeError:
             pass
     model.save_pretrained(str(tmp), safe_serialization=True)
-    tok_files = list(cache.glob("tokenizer*")) + list(cache.glob("special_tokens_map.json"))
-    if tok_files:
-        for f in tok_files:
-            shutil.copy2(f, tmp / f.name)
-    else:
-        load_tokenizer(ref).save_pretrained(str(tmp))
+    _save_gguf_tokenizer(ref, tmp)
     (tmp / ".complete").write_text(ref.spec)
     shutil.rmtree(cache, ignore_errors=True)
     tmp.replace(cache)
