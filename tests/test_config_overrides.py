@@ -171,3 +171,13 @@ def test_explicit_empty_mapping_is_all_defaults(tmp_path):
     recipe.write_text("{}  # all defaults\n")
     cfg = load_config(recipe)
     assert cfg.name == "run" and cfg.objective == {"kd": {"weight": 1.0}}
+
+
+def test_yaml_booleans_are_not_numbers():
+    """`train.seed=no` would silently become seed 0: numeric fields refuse YAML booleans."""
+    with pytest.raises(ConfigError, match=r"train.seed=no: a number is expected"):
+        load_config("digits", ["train.seed=no"])
+    with pytest.raises(ConfigError, match=r"train.max_steps=yes"):
+        load_config("digits", ["train.max_steps=yes"])
+    assert load_config("digits", ["train.seed=3", "train.lr=1e-3"]).train.seed == 3
+    assert load_config("digits", ["train.progress=no"]).train.progress is False

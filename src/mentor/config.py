@@ -533,9 +533,22 @@ def _override_value(path: list[str], raw: str, context: Any) -> Any:
     if not raw.strip():
         return ""
     try:
-        return _load_yaml(raw, path, context)
+        value = _load_yaml(raw, path, context)
     except yaml.YAMLError:
         return raw
+    if isinstance(value, bool) and _is_number(ann):  # `train.seed=no` is not 0
+        raise ConfigError(
+            f"override {'.'.join(path)}={raw}: a number is expected, and YAML reads {raw!r} as "
+            f"{str(value).lower()}"
+        )
+    return value
+
+
+def _is_number(ann: Any) -> bool:
+    """Whether a field annotation admits numbers but not booleans (``int``, ``float | None``)."""
+    args = getattr(ann, "__args__", None) or (ann,)
+    kinds = [a for a in args if a is not type(None)]
+    return bool(kinds) and all(a in (int, float) for a in kinds)
 
 
 def parse_override(text: str, data: dict[str, Any] | None = None) -> tuple[list[str], Any]:
