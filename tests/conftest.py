@@ -92,3 +92,14 @@ class _Counting(nn.Module):
 def counting():
     """The class of a module wrapper that counts forward calls: ``counting(model)``."""
     return _Counting
+
+
+@pytest.fixture(scope="module")
+def cache_toy():
+    """Random 16-feature data with 6 classes and a random MLP teacher (cache tests)."""
+    from mentor.data import build_data
+
+    bundle = build_data("random", {"n": 240, "in_features": 16, "num_classes": 6}, 0.25, 0)
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 6)).eval()
+    return bundle, teacher

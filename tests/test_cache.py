@@ -22,7 +22,6 @@ from mentor.cache import (
 )
 from mentor.cli import main
 from mentor.config import load_config
-from mentor.data import build_data
 from mentor.engine import Distiller
 from mentor.losses import Objective
 from mentor.signals import Sampled, TopK
@@ -50,11 +49,8 @@ class LMData(Dataset):
 
 
 @pytest.fixture(scope="module")
-def toy():
-    bundle = build_data("random", {"n": 240, "in_features": 16, "num_classes": 6}, 0.25, 0)
-    torch.manual_seed(0)
-    teacher = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 6)).eval()
-    return bundle, teacher
+def toy(cache_toy):
+    return cache_toy
 
 
 def _logits(teacher, data, ids_pos):

@@ -8,21 +8,16 @@ import json
 import pytest
 import torch
 import yaml
-from torch import nn
 
 from mentor.cache import CacheError, CacheSettings, open_store, verify_cache, write_cache
 from mentor.cli import main
-from mentor.data import build_data
 
 SETTINGS = dict(top_k=3, samples=4, rows_per_shard=40, row_group_positions=10, batch_size=8)
 
 
 @pytest.fixture(scope="module")
-def toy():
-    bundle = build_data("random", {"n": 240, "in_features": 16, "num_classes": 6}, 0.25, 0)
-    torch.manual_seed(0)
-    teacher = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 6)).eval()
-    return bundle, teacher
+def toy(cache_toy):
+    return cache_toy
 
 
 def _flip(path, at=None):

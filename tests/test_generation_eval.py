@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 import yaml
 from torch import nn
-from torch.utils.data import Dataset
 
 from mentor.data.sources import DataBundle, DataInfo
 from mentor.eval.generation_metrics import (
@@ -25,10 +24,9 @@ from mentor.eval.generation_metrics import (
     teacher_nll,
 )
 from mentor.eval.run_eval import evaluate_models
-from mentor.generation import Generation, SamplingConfig, left_pad
+from mentor.generation import Generation, SamplingConfig
 from mentor.report import build_report
-
-PAD = 0
+from prompt_data import PAD, Prompts, collate
 
 
 @pytest.fixture(autouse=True)
@@ -46,38 +44,6 @@ class Bigram(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None):
         return self.table[input_ids]
-
-
-class Prompts(Dataset):
-    """Prompts of 2-5 tokens with a 3-token reference completion (the prompts data layout)."""
-
-    def __init__(self, n: int = 12, seed: int = 0) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.items = []
-        for i in range(n):
-            p = torch.randint(3, 120, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g)
-            c = torch.randint(3, 120, (3,), generator=g)
-            self.items.append({"index": i, "prompt": p.tolist(), "completion": c.tolist()})
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.items[i]
-
-
-def collate(items: list[dict]) -> dict:
-    ids, mask = left_pad([it["prompt"] for it in items], PAD)
-    comp = torch.tensor([it["completion"] for it in items])
-    ones = torch.ones_like(comp)
-    return {
-        "index": torch.tensor([it["index"] for it in items]),
-        "prompt_ids": ids,
-        "prompt_mask": mask,
-        "input_ids": torch.cat([ids, comp], 1),
-        "attention_mask": torch.cat([mask, ones], 1),
-        "completion_mask": torch.cat([torch.zeros_like(mask), ones], 1),
-    }
 
 
 def _hand_generation() -> Generation:
