@@ -324,3 +324,48 @@ def test_replay_keys_are_validated_and_reuse_ramps():
     assert g.reuse_at(0) == 0.5
     g = GenerationConfig(mode="replay", reuse=0.8, reuse_warmup_steps=4)
     assert [g.reuse_at(s) for s in (0, 2, 4, 10)] == [0.0, 0.4, 0.8, 0.8]
+
+
+# ----------------------------------------------------------------------------- per-example seeds
+
+
+def test_samples_per_prompt_repeats_rows_and_groups_them(tmp_path, tiny_lm):
+    d = _distiller(tmp_path, tiny_lm, "on_policy", steps=2, gen={"samples_per_prompt": 3})
+    seen = _spy_batches(d)
+    d.fit()
+    b = seen[0]
+    assert b["input_ids"].shape[0] == 12  # 4 prompts x 3 samples
+    idx, groups = b["index"], b["groups"]
+    assert torch.equal(groups, idx) and torch.equal(idx[::3].repeat_interleave(3), idx)
+    comps = [r[2] for r in _rows(b)]
+    assert len({comps[0], comps[1], comps[2]}) > 1  # the samples of one prompt differ
+    assert all(len(c) >= 1 for c in comps)
+
+
+def test_a_rows_samples_do_not_depend_on_its_batch(tmp_path, tiny_lm):
+    """Seeded per (step, example): a prompt samples the same completion in any batch layout."""
+    d = _distiller(tmp_path, tiny_lm, "on_policy", steps=1)
+    items = [Prompts()[i] for i in range(4)]
+    whole = d._generate([collate(items)], 0, 0, torch.device("cpu"))[0]
+    parts = [d._generate([collate(items[a:b])], 0, r, torch.device("cpu"))[0]
+             for r, (a, b) in enumerate([(0, 1), (1, 4)])]  # fmt: skip
+    assert _rows(whole) == _rows(parts[0]) + _rows(parts[1])
+    other = d._generate([collate(items)], 1, 0, torch.device("cpu"))[0]
+    assert _rows(other) != _rows(whole)  # the next step samples anew
+
+
+def test_per_row_generators_match_one_generator_per_single_row(tiny_lm):
+    from mentor.generation import SamplingConfig, generate
+
+    batch = collate([Prompts()[i] for i in range(3)])
+    ids, mask = batch["prompt_ids"], batch["prompt_mask"]
+    cfg = SamplingConfig(max_new_tokens=5, temperature=1.0, stop_on_eos=False)
+    gens = [torch.Generator().manual_seed(s) for s in (5, 6, 7)]
+    batched = generate(tiny_lm, ids, mask, cfg, generator=gens, eos_token_id=None, pad_token_id=PAD)
+    for r, s in enumerate((5, 6, 7)):
+        one = generate(tiny_lm, ids[r : r + 1], mask[r : r + 1], cfg,
+                       generator=torch.Generator().manual_seed(s), eos_token_id=None,
+                       pad_token_id=PAD)  # fmt: skip
+        assert one.completion_ids[0].tolist() == batched.completion_ids[r].tolist(), r
+    with pytest.raises(ValueError, match="one per row"):
+        generate(tiny_lm, ids, mask, cfg, generator=gens[:2], eos_token_id=None, pad_token_id=PAD)

@@ -24,9 +24,10 @@ from mentor.config import load_config
 from mentor.data import build_data
 from mentor.generation import SamplingConfig, generate
 from mentor.models.hf import load_causal_lm
+from prompt_data import W_EOS, W_PAD, save_tiny_llama, word_tokenizer, write_word_prompts
 
-PAD, UNK, EOS = 0, 1, 2
-N_WORDS = 40
+PAD, EOS = W_PAD, W_EOS
+_tok = word_tokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -34,49 +35,15 @@ def _one_thread(one_thread, monkeypatch):
     monkeypatch.delenv("MENTOR_DEBUG", raising=False)
 
 
-def _tok():
-    """A whitespace word-level tokenizer (``w<i>`` is id ``i + 3``), built in-process."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"[PAD]": PAD, "[UNK]": UNK, "</s>": EOS}
-    vocab.update({f"w{i}": i + 3 for i in range(N_WORDS)})
-    t = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=t, unk_token="[UNK]", pad_token="[PAD]", eos_token="</s>"
-    )
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A saved folder with a random 2-layer Llama and its word-level tokenizer (the teacher)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("teacher")
-    tok = _tok()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        eos_token_id=EOS, pad_token_id=PAD, bos_token_id=None,
-    )  # fmt: skip
-    LlamaForCausalLM(cfg).save_pretrained(str(folder))
-    tok.save_pretrained(str(folder))
-    return folder
+    return save_tiny_llama(tmp_path_factory.mktemp("teacher"))
 
 
 @pytest.fixture
 def prompts_file(tmp_path):
-    g = torch.Generator().manual_seed(3)
-    rows = []
-    for _ in range(10):
-        n = int(torch.randint(2, 6, (1,), generator=g))
-        words = torch.randint(0, N_WORDS, (n,), generator=g).tolist()
-        rows.append({"prompt": " ".join(f"w{i}" for i in words), "completion": "w1 w2"})
-    f = tmp_path / "prompts.jsonl"
-    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return f
+    return write_word_prompts(tmp_path / "prompts.jsonl")
 
 
 def _spec(model_dir, data_path, tmp_path):

@@ -220,6 +220,15 @@ class GenerationConfig(_Strict):
     ``reuse: 1`` with ``reuse_warmup_steps`` = the run's total steps; its other, adaptive part
     (student samples vs. the data's, switched by the validation loss) is not built: ``replay``
     always trains on student samples. See ``docs/config.md``.
+
+    ``samples_per_prompt`` (sampling modes): each prompt is sampled that many times per step
+    (the micro-batch grows by that factor); the samples of one prompt share a ``groups`` id,
+    which group-aware objectives (e.g. TSD-KD's re-ranking, PACED's pass rate) use.
+
+    Every draw is seeded by (``train.seed``, step, example id, sample number), and the
+    mixed/replay coins by (``train.seed``, step, micro-batch), so the samples do not depend on
+    which process an example lands on: a multi-process run samples what one process samples
+    (``replay`` keeps one buffer per process, so it is the exception).
     """
 
     model_config = ConfigDict(
@@ -235,6 +244,7 @@ class GenerationConfig(_Strict):
     buffer_size: int = Field(1000, ge=1)
     reuse: float = Field(0.5, ge=0, le=1)
     reuse_warmup_steps: int = Field(0, ge=0)
+    samples_per_prompt: int = Field(1, ge=1)
 
     def reuse_at(self, step: int) -> float:
         """The probability of a replayed micro-batch at optimizer step ``step`` (0-based)."""

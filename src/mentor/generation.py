@@ -167,15 +167,19 @@ def filter_logits(logits: Tensor, *, top_k: int = 0, top_p: float = 1.0) -> Tens
     return out
 
 
-def sample_next_token(
-    logits: Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None
-) -> Tensor:
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def sample_next_token(logits: Tensor, cfg: SamplingConfig, generator: Generators = None) -> Tensor:
     """Pick one token per row of ``logits`` ``[B, V]`` as ``cfg`` says; returns ``[B]`` long.
 
     Greedy (``temperature == 0``) takes the argmax. Otherwise the logits (upcast to float32)
     are divided by the temperature, filtered by :func:`filter_logits` and one token is drawn
     per row with ``torch.multinomial`` from ``generator`` — on the generator's device, so a CPU
-    generator also drives sampling for a model on an accelerator.
+    generator also drives sampling for a model on an accelerator. ``generator`` may also be a
+    sequence of ``B`` generators, one per row: row ``i`` then draws from ``generator[i]`` only,
+    so its samples do not depend on which other rows share the batch (the engine seeds one
+    per example, which makes a multi-process run sample what a single process samples).
     """
     if cfg.greedy:
         return logits.argmax(dim=-1)
@@ -183,10 +187,18 @@ def sample_next_token(
         logits.float() / float(cfg.temperature), top_k=int(cfg.top_k), top_p=float(cfg.top_p)
     )
     probs = scores.softmax(dim=-1)
-    if generator is not None and probs.device != generator.device:
-        probs = probs.to(generator.device)
-    draws = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
-    return draws.to(logits.device)
+    if generator is None or isinstance(generator, torch.Generator):
+        if generator is not None and probs.device != generator.device:
+            probs = probs.to(generator.device)
+        draws = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+        return draws.to(logits.device)
+    if len(generator) != probs.shape[0]:
+        raise ValueError(f"{len(generator)} generators for {probs.shape[0]} rows: give one per row")
+    rows = [
+        torch.multinomial(probs[i].to(g.device), num_samples=1, generator=g).to(logits.device)
+        for i, g in enumerate(generator)
+    ]
+    return torch.cat(rows)
 
 
 def _forward_names(model: nn.Module) -> tuple[str, str | None]:
@@ -249,7 +261,7 @@ def generate(
     prompt_mask: Tensor,
     cfg: SamplingConfig,
     *,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     eos_token_id: int | list[int] | None,
     pad_token_id: int,
 ) -> Generation:
@@ -263,8 +275,8 @@ def generate(
             token; see :func:`left_pad`).
         prompt_mask: ``[B, P]``, 1 on prompt tokens and 0 on left padding.
         cfg: the decoding settings (validated with :meth:`SamplingConfig.check`).
-        generator: the source of every random draw (``None`` = the global RNG). Store
-            ``generator.get_state()`` to make sampling resumable.
+        generator: the source of every random draw (``None`` = the global RNG), or one
+            generator per row. Store ``generator.get_state()`` to make sampling resumable.
         eos_token_id: id(s) that end a sequence (with ``cfg.stop_on_eos``); ``None`` = none.
         pad_token_id: id written after a sequence's EOS.
 

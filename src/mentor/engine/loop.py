@@ -388,9 +388,13 @@ class Distiller:
         replay buffer holds at least one micro-batch of sequences, drawn uniformly from the
         buffer (earlier student samples, reused off-policy), else sampled fresh by the student
         and added to the buffer (DistiLLM's adaptive off-policy approach, see
-        ``docs/config.md``). Every draw (samples, coins, buffer picks) comes from a generator
-        seeded by (seed, step, micro-batch, rank) and the buffer is saved in checkpoints, so a
-        resumed run samples exactly what the uninterrupted run sampled.
+        ``docs/config.md``). With ``generation.samples_per_prompt`` = k each prompt is sampled
+        k times. Each sample draws from its own generator seeded by (seed, step, example id,
+        sample number) and each coin from one seeded by (seed, step, micro-batch), so what is
+        sampled depends neither on the process an example lands on nor on the other rows of its
+        batch; the replay buffer is saved in checkpoints (its picks are seeded per process too).
+        A resumed run, and a multi-process run, sample what the uninterrupted single-process
+        run sampled. Every returned batch has ``groups`` (the example id of each row).
         """
         g = self.cfg.generation
         if g.mode == "off":
@@ -402,35 +406,43 @@ class Distiller:
         if g.mode == "replay" and self.replay is None:
             self.replay = ReplayBuffer(g.buffer_size)
         replay = self.replay if g.mode == "replay" else None
+        seed = self.cfg.train.seed
         out = []
         for i, batch in enumerate(window):
-            seed = ((self.cfg.train.seed * 1_000_003 + step) * 1009 + i) * 131 + rank
+            coin_seed = ((seed * 1_000_003 + step) * 1009 + i) * 131 + 7919
             if g.mode == "mixed":  # GKD's coin: on-policy with probability lambda
-                coin = torch.Generator().manual_seed(seed + 7919)
+                coin = torch.Generator().manual_seed(coin_seed)
                 if float(torch.rand((), generator=coin)) >= g.lambda_:
-                    out.append(batch)  # off-policy: the data's own completion
+                    out.append(_with_groups(batch))  # off-policy: the data's own completion
                     continue
             model = self._generator_model()
             eos, pad = _eos_and_pad(model)
             if replay is not None:  # DistiLLM's off-policy coin: reuse earlier samples
                 n = int(batch["prompt_ids"].shape[0])
-                coin = torch.Generator().manual_seed(seed + 7919)
+                coin = torch.Generator().manual_seed(coin_seed)
                 draw = float(torch.rand((), generator=coin))
                 if len(replay) >= n and draw < g.reuse_at(step):
-                    pick = torch.Generator().manual_seed(seed + 104_729)
+                    pick = torch.Generator().manual_seed(coin_seed * 131 + 104_729 + rank)
                     old = replay.sample(n, pick, pad, prompt_length="prompt_length" in batch)
-                    out.append(_to_device(old, device))
+                    out.append(_with_groups(_to_device(old, device)))
                     continue
-            rng = torch.Generator(device=device).manual_seed(seed)
+            k = g.samples_per_prompt
+            rows = _repeat_rows(batch, k)
+            ids = _example_ids(batch, rank, i).repeat_interleave(k)
+            reps = torch.arange(ids.shape[0]) % k
+            rngs = [
+                torch.Generator(device=device).manual_seed(_sample_seed(seed, step, e, k))
+                for e, k in zip(ids.tolist(), reps.tolist(), strict=True)
+            ]
             gen = generate(
-                model, batch["prompt_ids"], batch["prompt_mask"], sampling,
-                generator=rng, eos_token_id=eos, pad_token_id=pad,
+                model, rows["prompt_ids"], rows["prompt_mask"], sampling,
+                generator=rngs, eos_token_id=eos, pad_token_id=pad,
             )  # fmt: skip
-            new = {**batch, "input_ids": gen.input_ids, "attention_mask": gen.attention_mask,
+            new = {**rows, "input_ids": gen.input_ids, "attention_mask": gen.attention_mask,
                    "completion_mask": gen.completion_mask}  # fmt: skip
             if replay is not None:
                 replay.add(new)
-            out.append(new)
+            out.append(_with_groups(new, ids.to(device)))
         return out
 
     def _restore_replay(self, folder: Path, rank: int, acc: Any) -> None:
@@ -913,6 +925,43 @@ def _objective_record(objective: Objective) -> dict[str, dict[str, Any]]:
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+def _sample_seed(seed: int, step: int, example: int, sample: int) -> int:
+    """The seed of one sample: (run seed, optimizer step, example id, sample number)."""
+    return (((seed * 1_000_003 + step) * 999_983 + example) * 1013 + sample) % (2**63 - 1)
+
+
+def _repeat_rows(batch: dict[str, Any], k: int) -> dict[str, Any]:
+    """Each row of a prompt batch ``k`` times in a row (tensors and per-row lists)."""
+    if k == 1:
+        return batch
+    n = int(batch["prompt_ids"].shape[0])
+    out: dict[str, Any] = {}
+    for key, v in batch.items():
+        if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == n:
+            out[key] = v.repeat_interleave(k, dim=0)
+        elif isinstance(v, list) and len(v) == n:
+            out[key] = [x for x in v for _ in range(k)]
+        else:
+            out[key] = v
+    return out
+
+
+def _example_ids(batch: dict[str, Any], rank: int, micro: int) -> Tensor:
+    """Each row's example id (``index``); without one, an id from (process, micro-batch, row)."""
+    index = batch.get("index")
+    if isinstance(index, Tensor):
+        return index.detach().long().cpu().reshape(-1)
+    n = int(batch["prompt_ids"].shape[0])
+    return torch.arange(n) + (rank * 1009 + micro) * 100_003
+
+
+def _with_groups(batch: dict[str, Any], ids: Tensor | None = None) -> dict[str, Any]:
+    """The batch with ``groups``: rows with equal values are samples of the same prompt."""
+    if ids is None:
+        ids = _example_ids(batch, 0, 0)
+    return {**batch, "groups": ids.to(batch["input_ids"].device)}
 
 
 def _save_state_dict(student: nn.Module, folder: Path) -> None:
