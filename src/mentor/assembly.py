@@ -704,7 +704,11 @@ def cache_recipe(
         raise ValueError(f"--splits {','.join(splits)}: choose from train, val")
     asm = Assembly(cfg)
     src = asm.source_class
-    if src.cacheable and not src.uses_module:  # e.g. a previous run's student
+    built: Any = None  # a source that runs several modules itself (source: routed)
+    if hasattr(src, "cache_function"):
+        built = src.from_config(asm)
+        teacher = built.provenance_module()
+    elif src.cacheable and not src.uses_module:  # e.g. a previous run's student
         teacher = src.from_config(asm).module  # type: ignore[attr-defined]
     elif (src.cacheable or src.name == "cache") and asm.has_module():
         teacher = asm.module()  # a recipe already reading a cache re-creates it from its module
@@ -717,12 +721,18 @@ def cache_recipe(
     bundle = asm.data
     data = {s: bundle.train if s == "train" else bundle.val for s in splits}
     prov = recipe_provenance(cfg, bundle, teacher, data)
+    if built is not None:
+        prov["teacher"]["spec"].update(built.provenance_spec())
     settings = settings or CacheSettings()
     if bundle.info.task == "embedding" and OUTPUT not in settings.features:
         settings.top_k, settings.samples = 0, 0
         settings.features = [*settings.features, OUTPUT]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    fn = module_teacher(teacher.to(device), list(settings.check().features), cfg.teacher.precision)
+    features = list(settings.check().features)
+    if built is not None:
+        fn = built.cache_function(features, device)
+    else:
+        fn = module_teacher(teacher.to(device), features, cfg.teacher.precision)
     return write_cache(
         fn,
         data,

@@ -16,6 +16,8 @@ or cuts plain text (a file, a folder of ``.txt`` files, or ``corpus: bbc_news``)
 
 and :func:`prompt_collate` lays a batch out so that every prompt ends at the same column
 ``P`` (prompts left-padded, completions right-padded), the layout batched generation needs.
+JSONL fields named in ``data.params.fields`` (e.g. ``domain``, for ``teacher.source: routed``)
+are carried too: one value per item, a list per batch.
 """
 
 from __future__ import annotations
@@ -45,16 +47,31 @@ from mentor.data.text import (
 )
 
 _STRUCTURED = (".json", ".csv", ".tsv", ".parquet", ".arrow")
+_ITEM_KEYS = ("index", "prompt_ids", "input_ids", "prompt_length")
+# batch keys a passed-through field may not take (data.params.fields)
+_RESERVED = (*_ITEM_KEYS, "attention_mask", "completion_mask", "prompt_mask", "labels",
+             "inputs", "texts")  # fmt: skip
 
 
 class PromptDataset(Dataset):
-    """Tokenised prompts with (possibly empty) completions and stable ids."""
+    """Tokenised prompts with (possibly empty) completions, stable ids and passed-through
+    fields (``fields``: name -> one JSON value per example, see ``data.params.fields``)."""
 
-    def __init__(self, prompts: Sequence[Tensor], completions: Sequence[Tensor], ids: Tensor):
+    def __init__(
+        self,
+        prompts: Sequence[Tensor],
+        completions: Sequence[Tensor],
+        ids: Tensor,
+        fields: dict[str, list[Any]] | None = None,
+    ):
         """``prompts[i]``/``completions[i]`` are 1-D LongTensors; ``ids`` the stable ids."""
-        if not (len(prompts) == len(completions) == len(ids)):
-            raise ValueError("prompts, completions and ids must have the same length")
+        fields = dict(fields or {})
+        if not (len(prompts) == len(completions) == len(ids)) or any(
+            len(v) != len(ids) for v in fields.values()
+        ):
+            raise ValueError("prompts, completions, ids and fields must have the same length")
         self.prompts, self.completions, self.ids = list(prompts), list(completions), ids
+        self.fields = fields
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -66,6 +83,7 @@ class PromptDataset(Dataset):
             "prompt_ids": p,
             "input_ids": torch.cat([p, c]),
             "prompt_length": len(p),
+            **{name: values[i] for name, values in self.fields.items()},
         }
 
 
@@ -76,7 +94,8 @@ def prompt_collate(items: list[dict[str, Any]], *, pad_token_id: int) -> dict[st
     right-padded; ``C`` the longest completion), ``completion_mask`` ``[B, P + C]`` (1 on
     completion tokens only), ``prompt_ids``/``prompt_mask`` ``[B, P]`` (left-padded, ready
     for batched generation), ``prompt_length`` ``P`` (an int: completions start there) and
-    ``index`` ``[B]``. Padding positions hold ``pad_token_id`` and have mask 0. The bundle's
+    ``index`` ``[B]``. Padding positions hold ``pad_token_id`` and have mask 0. Any other key
+    of the items (a passed-through field) becomes a list of the items' values. The bundle's
     collate is this function with the tokenizer's pad id bound (``functools.partial``).
     """
     if not items:
@@ -101,6 +120,7 @@ def prompt_collate(items: list[dict[str, Any]], *, pad_token_id: int) -> dict[st
         "prompt_mask": mask[:, :big_p].clone(),
         "prompt_length": big_p,
         "index": index,
+        **{k: [it[k] for it in items] for k in items[0] if k not in _ITEM_KEYS},
     }
 
 
@@ -122,17 +142,37 @@ def pad_token_id(tok: Any, spec: Any = None) -> int:
 # ----------------------------------------------------------------------------- reading
 
 
+def _field_names(fields: Any) -> list[str]:
+    """``data.params.fields`` as a list of names (one name may be given alone)."""
+    if fields is None:
+        return []
+    names = [fields] if isinstance(fields, str) else fields
+    if not isinstance(names, list) or not all(isinstance(f, str) and f for f in names):
+        raise ValueError(f"data.params.fields={fields!r}: give a list of JSONL field names")
+    taken = [f for f in names if f in _RESERVED or f in ("prompt", "completion")]
+    if taken:
+        raise ValueError(
+            f"data.params.fields: {taken[0]!r} is read already or is a batch key; pass "
+            f"through other fields (rename it in the file)"
+        )
+    return list(dict.fromkeys(names))
+
+
 def _shown(rows: Sequence[tuple[str, int]], n: int = 5) -> str:
     parts = [f"{loc} ({k} tokens)" for loc, k in rows[:n]]
     return ", ".join(parts) + (f" and {len(rows) - n} more" if len(rows) > n else "")
 
 
-def _jsonl_pairs(path: Path) -> tuple[list[str], list[str], list[str]]:
-    """Prompts, completions ("" when absent) and locations (``file:line``) of a JSONL file."""
+def _jsonl_pairs(
+    path: Path, fields: Sequence[str] = ()
+) -> tuple[list[str], list[str], list[str], dict[str, list[Any]]]:
+    """Prompts, completions ("" when absent), locations (``file:line``) of a JSONL file, and
+    the values of ``fields`` per line (each a JSON scalar; every line needs them)."""
     rows, lines = _read_records(path)  # refuses bad JSON / non-objects, naming file:line
     if not rows:
         raise ValueError(f"{path} is empty: it has no JSON lines (data.params.path)")
     prompts, completions, locs = [], [], []
+    extra: dict[str, list[Any]] = {f: [] for f in fields}
     for r, line in zip(rows, lines):
         loc = f"{path}:{line.removeprefix('line ')}"
         if "prompt" not in r:
@@ -148,10 +188,23 @@ def _jsonl_pairs(path: Path) -> tuple[list[str], list[str], list[str]]:
             raise ValueError(f"{loc}: the prompt is empty; give it text or drop the line")
         if c is not None and not isinstance(c, str):
             raise ValueError(f'{loc}: "completion" is {type(c).__name__}, not a string or null')
+        for f in fields:
+            if f not in r:
+                raise ValueError(
+                    f'{loc}: the object has no "{f}" field, which data.params.fields passes '
+                    f"through; give every line one (null is allowed) or drop it from fields"
+                )
+            v = r[f]
+            if isinstance(v, (dict, list)):
+                raise ValueError(
+                    f'{loc}: "{f}" is a JSON {type(v).__name__}; a passed-through field '
+                    f"(data.params.fields) must be a string, number, boolean or null"
+                )
+            extra[f].append(v)
         prompts.append(p)
         completions.append(c or "")
         locs.append(loc)
-    return prompts, completions, locs
+    return prompts, completions, locs, extra
 
 
 def _text_documents(path: Path) -> tuple[list[str], list[str]]:
@@ -256,6 +309,7 @@ def prompts(
     truncate_prompts: bool = False,
     chat_template: bool = False,
     limit: int | None = None,
+    fields: list[str] | str | None = None,
     val_fraction: float = 0.2,
     seed: int = 0,
 ) -> DataBundle:
@@ -284,6 +338,11 @@ def prompts(
     Batches come from :func:`prompt_collate`, padded with the tokenizer's pad token or, when
     it has none, its EOS token (padding is masked out); a tokenizer with neither is refused.
     ``info.extra["prompts"]`` is True so the engine can tell prompt data from LM blocks.
+
+    ``fields`` (JSONL only): other fields of every line carried into the items and batches
+    under their own name (a list of values per batch), e.g. ``fields: [domain]`` for
+    ``teacher.source: routed`` with ``field: domain``. Each line needs them (null allowed);
+    values are JSON scalars. Other fields of the lines are ignored.
     """
     if (path is None) == (corpus is None):
         raise ValueError("prompts needs exactly one of data.params.path or data.params.corpus")
@@ -293,15 +352,23 @@ def prompts(
         if not isinstance(v, bool):
             raise ValueError(f"data.params.{key}={v!r}: use true or false")
     check_positive("limit", limit)
+    fields = _field_names(fields)
+    is_jsonl = path is not None and Path(path).expanduser().suffix.lower() == ".jsonl"
+    if fields and not is_jsonl:
+        raise ValueError(
+            "data.params.fields passes through fields of JSONL lines; it needs "
+            "data.params.path to a .jsonl file (text and corpora have no fields)"
+        )
     tok = _tokenizer(tokenizer)
     pad = pad_token_id(tok, tokenizer)
     check_length(tok, max_prompt_tokens, "max_prompt_tokens", tokenizer)
 
-    if path is not None and Path(path).expanduser().suffix.lower() == ".jsonl":
-        p = Path(path).expanduser()
+    extra: dict[str, list[Any]] = {}
+    if is_jsonl:
+        p = Path(str(path)).expanduser()
         if not p.is_file():
             raise FileNotFoundError(f"data file {p} does not exist; set data.params.path")
-        texts, comps, locs = _jsonl_pairs(p)
+        texts, comps, locs, extra = _jsonl_pairs(p, fields)
         if chat_template:
             prompt_ids = _chat(tok, tokenizer, texts)
         else:
@@ -403,7 +470,8 @@ def prompts(
         )
 
     def part(idx: np.ndarray) -> PromptDataset:
-        return PromptDataset([ps[i] for i in idx], [cs[i] for i in idx], ids[idx])
+        kept = {f: [v[keep[i]] for i in idx] for f, v in extra.items()}
+        return PromptDataset([ps[i] for i in idx], [cs[i] for i in idx], ids[idx], kept)
 
     plens = [len(x) for x in ps]
     clens = [len(x) for x in cs]

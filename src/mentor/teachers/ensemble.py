@@ -63,30 +63,23 @@ class EnsembleTeacher(TeacherSource):
     def validate_options(cls, raw: Mapping[str, Any], teacher_config: type[BaseModel]) -> Any:
         """Each member is validated as a full ``teacher:`` section; at least two of them."""
         o = EnsembleOptions.model_validate(dict(raw))
-        if len(o.members) < 2:
-            raise ValueError("teacher.source=ensemble needs at least two teacher.members")
+        o.members = validate_members(o.members, teacher_config, "ensemble")
         if o.weights is not None and len(o.weights) != len(o.members):
             raise ValueError(
                 f"teacher.weights has {len(o.weights)} entries for {len(o.members)} members"
             )
-        o.members = [
-            m if isinstance(m, teacher_config) else teacher_config.model_validate(m)
-            for m in o.members
-        ]
         return o
 
     @classmethod
     def from_config(cls, ctx: SourceContext) -> EnsembleTeacher:
         """Every member's module (each built or fitted once), run online."""
         o = ctx.cfg.teacher.options
-        members = [OnlineTeacher(ctx.module(m), precision=m.precision) for m in o.members]
-        return cls(members, aggregate=o.aggregate, weights=o.weights)
+        return cls(online_members(ctx, o.members), aggregate=o.aggregate, weights=o.weights)
 
     @classmethod
     def plan_parameters(cls, ctx: SourceContext) -> int | None:
         """The members' parameters together."""
-        mods = [ctx.module(m, architecture_only=True) for m in ctx.cfg.teacher.options.members]
-        return sum(p.numel() for m in mods for p in m.parameters())
+        return members_parameters(ctx, ctx.cfg.teacher.options.members)
 
     def to(self, device: torch.device | str) -> EnsembleTeacher:
         """Move every member."""
@@ -116,3 +109,30 @@ class EnsembleTeacher(TeacherSource):
             logw = torch.tensor(self.weights, dtype=logp.dtype, device=logp.device).log()
             agg = torch.logsumexp(logp + logw.view(-1, *([1] * (logp.dim() - 1))), dim=0)
         return TeacherOutput(logits=agg)
+
+
+# ----------------------------------------------------------------------------- members
+# shared by every source made of several teachers (``ensemble``, ``routed``)
+
+
+def validate_members(members: Sequence[Any], teacher_config: type[BaseModel], source: str) -> list:
+    """``teacher.members`` as full ``teacher:`` sections (each validated); at least two."""
+    if len(members) < 2:
+        raise ValueError(
+            f"teacher.source={source} needs at least two teacher.members (got {len(members)}); "
+            "with one teacher use teacher.source=online"
+        )
+    return [
+        m if isinstance(m, teacher_config) else teacher_config.model_validate(m) for m in members
+    ]
+
+
+def online_members(ctx: SourceContext, members: Sequence[Any]) -> list[OnlineTeacher]:
+    """Every member's module (each built or fitted once by the assembly), run online."""
+    return [OnlineTeacher(ctx.module(m), precision=m.precision) for m in members]
+
+
+def members_parameters(ctx: SourceContext, members: Sequence[Any]) -> int:
+    """The members' parameters together (``mentor plan``)."""
+    mods = [ctx.module(m, architecture_only=True) for m in members]
+    return sum(p.numel() for m in mods for p in m.parameters())
