@@ -369,3 +369,12 @@ def test_per_row_generators_match_one_generator_per_single_row(tiny_lm):
         assert one.completion_ids[0].tolist() == batched.completion_ids[r].tolist(), r
     with pytest.raises(ValueError, match="one per row"):
         generate(tiny_lm, ids, mask, cfg, generator=gens[:2], eos_token_id=None, pad_token_id=PAD)
+
+
+def test_prompt_plus_new_tokens_longer_than_the_context_is_refused(tmp_path, tiny_lm):
+    limit = tiny_lm.config.max_position_embeddings
+    with pytest.raises(ValueError, match="context window") as e:
+        _distiller(tmp_path / "run", tiny_lm, "on_policy", gen={"max_new_tokens": limit}).fit()
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+    assert "generation.max_new_tokens" in str(e.value)
+    assert "data.params.max_prompt_tokens" in str(e.value)

@@ -547,6 +547,9 @@ class Distiller:
         """Train; return the run directory. ``resume=True`` continues from the last checkpoint."""
         t = self.cfg.train
         _check_trackers(self.cfg.output.trackers)
+        if self.cfg.generation.mode != "off":  # both models score the samples: both windows
+            for m in (self.model.student, getattr(self.teacher, "module", None)):
+                _check_context(self.cfg, self.train_data, m)
         changes = rundir.check_output(self.cfg, resume) if self.write_run else []
         if self.write_run:
             acc: Any = Accelerator(
@@ -861,6 +864,30 @@ def _check_generation(cfg: RunConfig, task: Task, data: Dataset) -> None:
         raise ValueError(
             f"generation.mode={mode} needs prompt data: set data.source=prompts (JSONL "
             "prompts/completions or text cut into prompt/continuation pairs)"
+        )
+
+
+def _longest_prompt(data: Dataset) -> int:
+    """Tokens in the longest prompt of prompt data (its ``prompts`` list, else every item)."""
+    prompts = getattr(data, "prompts", None)
+    if isinstance(prompts, list):
+        return max((len(p) for p in prompts), default=0)
+    items = (data[i] for i in range(len(data)))
+    return max((len(it.get("prompt_ids", it.get("prompt", ()))) for it in items), default=0)
+
+
+def _check_context(cfg: RunConfig, data: Dataset, model: Any) -> None:
+    """Prompt + ``max_new_tokens`` must fit the context window of a model that sees them."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return
+    longest, new = _longest_prompt(data), cfg.generation.max_new_tokens
+    if longest + new > limit:
+        raise ValueError(
+            f"the longest prompt ({longest} tokens) plus generation.max_new_tokens={new} is more "
+            f"than the {limit}-token context window of the {type(model).__name__}: lower "
+            f"generation.max_new_tokens, or cut prompts with data.params.max_prompt_tokens="
+            f"{max(1, limit - new)} and data.params.truncate_prompts=true"
         )
 
 
