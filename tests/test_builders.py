@@ -225,6 +225,9 @@ def test_run_refuses_a_student_with_another_tokenizer(monkeypatch, llama4):
     bundle = DataBundle([], [], info)
     with pytest.raises(VocabMismatchError, match="sequence-level distillation"):
         build.check_student_vocab(cfg, bundle, llama4, copy.deepcopy(llama4))
+    cfg.generation.mode = "on_policy"  # the student's samples are scored by the teacher
+    with pytest.raises(VocabMismatchError, match="generation.mode=on_policy.*cross-tokenizer"):
+        build.check_student_vocab(cfg, bundle, llama4, copy.deepcopy(llama4))
     # a student whose embedding table is smaller than the data's token ids is refused early
     small = build_model("hf_config", {"config": {**LLAMA, "vocab_size": 64}}, LM_INFO)
     cfg2 = load_config({"student": {"builder": "shrink"}, "objective": {"ce": {}}})

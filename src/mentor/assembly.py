@@ -47,7 +47,13 @@ from mentor.models.hf import hf_core
 from mentor.progress import Progress
 from mentor.students import build_model, load_model, save_model
 from mentor.students.builders import count_parameters
-from mentor.students.vocab import VocabCheck, check_vocab, output_size, reconcile
+from mentor.students.vocab import (
+    VocabCheck,
+    VocabMismatchError,
+    check_vocab,
+    output_size,
+    reconcile,
+)
 from mentor.tasks import Task, get_task, heldout
 from mentor.teachers import SOURCES, TeacherSource
 
@@ -120,7 +126,17 @@ def check_student_vocab(
     if s_spec and d_spec and s_spec != d_spec:
         from mentor.models.assets import load_tokenizer
 
-        check_vocab(load_tokenizer(d_spec), load_tokenizer(s_spec), None, None)
+        try:
+            check_vocab(load_tokenizer(d_spec), load_tokenizer(s_spec), None, None)
+        except VocabMismatchError as e:
+            if cfg.generation.mode == "off":
+                raise
+            raise VocabMismatchError(
+                f"generation.mode={cfg.generation.mode}: {e} The teacher scores the student's "
+                "samples token by token, so both must share a tokenizer; cross-tokenizer "
+                "distillation (aligning two vocabularies) is separate, later work. Set "
+                "generation.mode=off, or use a student built from the teacher."
+            ) from None
     n_ids = bundle.info.vocab_size
     rows = hf_core(student).get_input_embeddings().weight.shape[0]
     if n_ids and rows < n_ids:
