@@ -3,7 +3,9 @@
 Logit losses accept dense teacher logits or the sparse signals of :mod:`mentor.signals`
 (``TopK``, ``Sampled``) where meaningful, and a ``chunk_size`` for LLM-sized ``[B, T, V]``
 logits; :func:`fused_linear_loss` computes them from hidden states and the output head without
-materialising the student logits. See ``docs/losses.md``.
+materialising the student logits. :mod:`mentor.losses.sequence` holds the objectives for
+distillation with generation (``kepo``, ``paced``, ``tsd_kd``, ``mgsr_span``), which also take
+per-sequence ``groups`` / ``rewards``. See ``docs/losses.md``.
 """
 
 from mentor.losses._base import LOSSES, Loss, get_loss, list_losses, register_loss
@@ -35,6 +37,7 @@ from mentor.losses.logit import (
 from mentor.losses.objective import Objective, build_projector, describe_losses
 from mentor.losses.ranking import listwise_kl, margin_mse
 from mentor.losses.relational import gram_kl, rkd_angle, rkd_distance, spkd
+from mentor.losses.sequence import kepo, mgsr_span, paced, tsd_kd
 from mentor.losses.taid_schedule import TAIDScheduler
 from mentor.signals import Sampled, TopK
 
@@ -61,10 +64,13 @@ __all__ = [
     "hint_mse",
     "jsd",
     "kd",
+    "kepo",
     "list_losses",
     "listwise_kl",
     "logit_mse",
     "margin_mse",
+    "mgsr_span",
+    "paced",
     "pld",
     "register_loss",
     "reverse_kl",
@@ -77,5 +83,6 @@ __all__ = [
     "squarehead",
     "taid",
     "token_relation",
+    "tsd_kd",
     "tvd",
 ]

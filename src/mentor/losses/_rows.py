@@ -359,6 +359,18 @@ def _weights(
     return torch.stack(cols, -1)
 
 
+def _apply_row_weights(w: Tensor, row_weights: Tensor | None, lead: torch.Size) -> Tensor:
+    """``w [N, J]`` times constant per-row weights of leading shape ``lead`` (None: unchanged)."""
+    if row_weights is None:
+        return w
+    if row_weights.shape != lead:
+        raise ValueError(
+            f"row_weights have shape {tuple(row_weights.shape)}, expected {tuple(lead)}"
+        )
+    rw = row_weights.detach().reshape(-1, 1).to(device=w.device, dtype=w.dtype)
+    return w * rw
+
+
 def _no_teacher(spec: RowSpec) -> None:
     if spec.uses_teacher:
         raise ValueError(f"loss {spec.name!r} needs a teacher (logits, TopK or Sampled), got None")
@@ -410,8 +422,14 @@ def run_rows(
     *,
     chunk_size: int | None = None,
     temperature: float = 1.0,
+    row_weights: Tensor | None = None,
 ) -> Tensor:
-    """Evaluate a row-wise logit loss over all rows, plainly or chunk by chunk."""
+    """Evaluate a row-wise logit loss over all rows, plainly or chunk by chunk.
+
+    ``row_weights`` (optional, leading shape of ``student``, constants: no gradient) multiply each
+    row's weight ``mask / count``: ``Σ_r row_weights[r]·mask[r]·ℓ_r / count`` (sequence-level
+    weights such as KEPO's quality gate or PACED's pass-rate weight).
+    """
     if teacher is None:
         _no_teacher(spec)
         teacher = student.detach()  # placeholder for losses that ignore the teacher (ce)
@@ -422,6 +440,7 @@ def run_rows(
     n = lead.numel()
     dt = _compute_dtype(student, kind, teacher)
     w = _weights(spec, lead, labels, mask, dt, student.device)
+    w = _apply_row_weights(w, row_weights, lead)
     if has_closed_form(spec, kind) and torch.is_grad_enabled() and student.requires_grad:
         txs = [teacher] if kind == "dense" else _flat_teacher(teacher, n, v)[1]
         if not any(x is not None and x.requires_grad for x in txs):
@@ -599,8 +618,12 @@ def run_fused(
     *,
     chunk_size: int,
     temperature: float = 1.0,
+    row_weights: Tensor | None = None,
 ) -> Tensor:
-    """Evaluate a row-wise logit loss on ``hidden @ weight.T (+ bias)`` without full logits."""
+    """Evaluate a row-wise logit loss on ``hidden @ weight.T (+ bias)`` without full logits.
+
+    ``row_weights`` as in :func:`run_rows`.
+    """
     if hidden.shape[-1] != weight.shape[-1]:
         raise ValueError(
             f"hidden size {hidden.shape[-1]} != lm_head weight in_features {weight.shape[-1]}"
@@ -621,6 +644,7 @@ def run_fused(
         torch.empty(0, dtype=torch.promote_types(hidden.dtype, weight.dtype)), kind, teacher
     )
     w = _weights(spec, lead, labels, mask, dt, hidden.device)
+    w = _apply_row_weights(w, row_weights, lead)
     if isinstance(teacher, HeadLogits):
         kind, txs = "head", [teacher.hidden.reshape(n, -1), teacher.weight, teacher.bias]
     elif teacher_kind(teacher) == "dense":

@@ -125,6 +125,9 @@ class Objective(nn.Module):
     ``beta``, ``disable_adaptive``) unless it fixes ``t:``; :meth:`after_step` advances it.
     Weights must be finite and >= 0; a weight of 0 switches a term off (schedules may ramp it
     up from 0). A recipe whose weights are all 0 is refused when the config is loaded.
+    Sequence terms (``inputs="sequences"``: kepo, paced, tsd_kd, mgsr_span) also receive the
+    ``groups`` / ``rewards`` / ``spans`` given to :meth:`forward` that their loss lists in
+    ``extras``.
     """
 
     def __init__(self, spec: Mapping[str, Mapping[str, Any]]) -> None:
@@ -162,7 +165,7 @@ class Objective(nn.Module):
                     self.projectors[term] = build_projector(proj)
             except ValueError as e:
                 raise ValueError(f"objective.{term}: {e}") from None
-            if self.terms[term].inputs != "logits":
+            if self.terms[term].inputs not in ("logits", "sequences"):
                 if not (s_tap and t_tap):
                     raise ValueError(
                         f"objective.{term}: loss {loss_name!r} compares features; name the taps "
@@ -181,8 +184,19 @@ class Objective(nn.Module):
         mask: Tensor | None = None,
         student_features: Mapping[str, Any] | None = None,
         teacher_features: Mapping[str, Any] | None = None,
+        groups: Tensor | None = None,
+        rewards: Tensor | None = None,
+        spans: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """Compute every term and their weighted sum under ``"loss"``."""
+        """Compute every term and their weighted sum under ``"loss"``.
+
+        ``groups`` (LongTensor ``[B]``: equal values = samples of the same prompt), ``rewards``
+        (float ``[B]`` in [0, 1], a per-sequence verifier score) and ``spans`` (LongTensor
+        ``[B, T]`` span ids, < 0 = no span) are optional; they reach only the terms whose loss
+        lists them in its ``extras`` (the ``inputs="sequences"`` losses of
+        :mod:`mentor.losses.sequence`), so every other loss is unaffected.
+        """
+        seq_extra = {"groups": groups, "rewards": rewards, "spans": spans}
         out: dict[str, Tensor] = {}
         total: Tensor | None = None
         for term, loss in self.terms.items():
@@ -196,7 +210,10 @@ class Objective(nn.Module):
                 value = loss(s_feat, teacher_features[t_tap], mask=mask)
             else:
                 extra = {"t": self.schedulers[term].t} if term in self.schedulers else {}
-                if isinstance(student_logits, FusedHead):
+                if loss.inputs == "sequences":  # handles (or refuses) a FusedHead itself
+                    extra = {k: seq_extra[k] for k in getattr(loss, "extras", ())}
+                    value = loss(student_logits, teacher, labels=labels, mask=mask, **extra)
+                elif isinstance(student_logits, FusedHead):
                     value = student_logits.loss(loss, teacher, labels=labels, mask=mask, **extra)
                 else:
                     value = loss(student_logits, teacher, labels=labels, mask=mask, **extra)
