@@ -378,3 +378,43 @@ def test_prompt_plus_new_tokens_longer_than_the_context_is_refused(tmp_path, tin
     assert not (tmp_path / "run").exists()  # refused before anything was written
     assert "generation.max_new_tokens" in str(e.value)
     assert "data.params.max_prompt_tokens" in str(e.value)
+
+
+# ----------------------------------------------------------------------------- rewards, groups
+
+
+def test_group_aware_objectives_get_groups_and_rewards_from_the_engine(tmp_path, tiny_lm):
+    """samples_per_prompt=2 + a reward function: paced's w(p) sees each prompt's pass rate."""
+    from mentor.losses import get_loss
+
+    seen = []
+
+    def reward(batch):  # the first sample of each prompt passes, the second fails: p = 1/2
+        r = (torch.arange(batch["input_ids"].shape[0]) % 2 == 0).float()
+        seen.append((batch["groups"].clone(), r))
+        return r
+
+    d = _distiller(tmp_path / "half", tiny_lm, "on_policy", steps=2,
+                   gen={"samples_per_prompt": 2})  # fmt: skip
+    d.reward_fn = reward
+    calls = []
+    real = d.model.objective.forward
+
+    def spy(*a, **k):
+        calls.append({x: k.get(x) for x in ("groups", "rewards")})
+        return real(*a, **k)
+
+    d.model.objective.forward = spy
+    d.model.objective.terms["fkl"] = get_loss("paced")
+    d.fit()
+    groups, rewards = calls[0]["groups"], calls[0]["rewards"]
+    assert torch.equal(groups, seen[0][0]) and torch.equal(rewards, seen[0][1])
+    assert torch.equal(groups[::2], groups[1::2])  # two samples per prompt, side by side
+    assert all(r["loss"] > 0 for r in d.history)  # w(1/2) = 1/4 > 0
+
+    d2 = _distiller(tmp_path / "all", tiny_lm, "on_policy", steps=2,
+                    gen={"samples_per_prompt": 2})  # fmt: skip
+    d2.reward_fn = lambda b: torch.ones(b["input_ids"].shape[0])  # p = 1: mastered, w = 0
+    d2.model.objective.terms["fkl"] = get_loss("paced")
+    d2.fit()
+    assert all(r["loss"] == 0 for r in d2.history)

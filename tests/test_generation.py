@@ -356,3 +356,19 @@ def test_runs_in_eval_mode(lm):
         handle.remove()
     assert seen and not any(seen)
     assert lm.training
+
+
+def test_answer_reward_is_one_when_the_decoded_completion_contains_the_answer():
+    from mentor.generation import AnswerReward
+    from prompt_data import word_tokenizer
+
+    tok = word_tokenizer()
+    ids = torch.tensor([[5, 6, 7, 8, 9], [5, 6, 7, 8, 9], [5, 6, 10, 11, 0]])
+    comp = torch.tensor([[0, 0, 1, 1, 1], [0, 0, 1, 1, 1], [0, 0, 1, 1, 0]])
+    # row 0 completes "w4 w5 w6"; row 1 the same; row 2 "w7 w8" (the pad after it is not counted)
+    batch = {"input_ids": ids, "completion_mask": comp, "answer": ["w5  w6", "w2", "w8"]}
+    assert AnswerReward(tok, "answer")(batch).tolist() == [1.0, 0.0, 1.0]
+    batch["answer"] = ["w2 w3", None, ""]  # the prompt's tokens do not count; empty never matches
+    assert AnswerReward(tok, "answer")(batch).tolist() == [0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="data.params.fields"):
+        AnswerReward(tok, "gold")(batch)

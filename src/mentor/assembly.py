@@ -595,6 +595,7 @@ def distill(
         task=asm.task,
         save_student=save_student,
         collate_fn=asm.collate,
+        reward_fn=_reward_fn(cfg, bundle),
     )
     run_dir = distiller.fit(resume=resume)
     if int(os.environ.get("RANK", "0")) != 0:  # shared artifacts are written by rank 0
@@ -631,6 +632,21 @@ class LoadedRun:
     teacher: nn.Module | None
     student: nn.Module
     assembly: Assembly | None = None
+
+
+def _reward_fn(cfg: RunConfig, bundle: DataBundle) -> Any:
+    """The verifier of ``generation.reward_field`` (None when it is not set)."""
+    field = cfg.generation.reward_field
+    if field is None or cfg.generation.mode == "off":
+        return None
+    from mentor.generation import AnswerReward
+    from mentor.models.assets import load_tokenizer
+
+    if not bundle.info.tokenizer:
+        raise ValueError(
+            f"generation.reward_field={field!r} decodes samples, but the data has no tokenizer"
+        )
+    return AnswerReward(load_tokenizer(bundle.info.tokenizer), field)
 
 
 def load_run(run_dir: str | Path, data_overrides: list[str] | None = None) -> LoadedRun:

@@ -225,6 +225,11 @@ class GenerationConfig(_Strict):
     (the micro-batch grows by that factor); the samples of one prompt share a ``groups`` id,
     which group-aware objectives (e.g. TSD-KD's re-ranking, PACED's pass rate) use.
 
+    ``reward_field``: a data field (passed through with ``data.params.fields``) holding each
+    prompt's reference answer; a sample's reward is 1 when its decoded completion contains that
+    answer (whitespace-normalised), else 0. Objectives that gate or weight by quality (``kepo``,
+    ``paced``, ``tsd_kd``) use it; without it they use their teacher-likelihood fallback.
+
     Every draw is seeded by (``train.seed``, step, example id, sample number), and the
     mixed/replay coins by (``train.seed``, step, micro-batch), so the samples do not depend on
     which process an example lands on: a multi-process run samples what one process samples
@@ -245,6 +250,7 @@ class GenerationConfig(_Strict):
     reuse: float = Field(0.5, ge=0, le=1)
     reuse_warmup_steps: int = Field(0, ge=0)
     samples_per_prompt: int = Field(1, ge=1)
+    reward_field: str | None = None
 
     def reuse_at(self, step: int) -> float:
         """The probability of a replayed micro-batch at optimizer step ``step`` (0-based)."""

@@ -359,7 +359,37 @@ def generate(
     )
 
 
+class AnswerReward:
+    """A verifier reward: 1 when a sample's decoded completion contains its reference answer.
+
+    ``tokenizer`` decodes the completion tokens (``completion_mask``) of each row; the answer
+    is the row's value of the batch field ``field`` (a list, one per row). Both are compared
+    after collapsing whitespace; an empty answer never matches. Returns float ``[B]`` in
+    {0, 1}, the ``rewards`` that quality-gated objectives (KEPO, PACED, TSD-KD) read.
+    """
+
+    def __init__(self, tokenizer: Any, field: str) -> None:
+        self.tokenizer, self.field = tokenizer, field
+
+    def __call__(self, batch: dict[str, Any]) -> Tensor:
+        answers = batch.get(self.field)
+        n = int(batch["input_ids"].shape[0])
+        if not isinstance(answers, list) or len(answers) != n:
+            raise ValueError(
+                f"generation.reward_field={self.field!r}: the batch has no per-example field "
+                f"{self.field!r}; pass it through with data.params.fields: [{self.field}]"
+            )
+        ids, comp = batch["input_ids"].cpu(), batch["completion_mask"].cpu().bool()
+        out = torch.zeros(n)
+        for r in range(n):
+            text = " ".join(self.tokenizer.decode(ids[r][comp[r]].tolist()).split())
+            answer = " ".join(str(answers[r] if answers[r] is not None else "").split())
+            out[r] = float(bool(answer) and answer in text)
+        return out.to(batch["input_ids"].device)
+
+
 __all__ = [
+    "AnswerReward",
     "Generation",
     "SamplingConfig",
     "filter_logits",

@@ -99,6 +99,8 @@ class DistillModule(nn.Module):
             mask=mask,
             student_features=feats,
             teacher_features=t_feats,
+            groups=batch.get("groups"),
+            rewards=batch.get("rewards"),
         )
 
 
@@ -271,7 +273,9 @@ class Distiller:
     (``max_steps``, ``epochs``, ``lr``, ``batch_size``, any other ``train.*`` key,
     ``output_dir``, ``eval_every``) are applied on top of it. ``task``: ``classification``,
     ``causal_lm`` or ``embedding``; by default guessed from the data (``input_ids`` without
-    ``labels``: a causal LM).
+    ``labels``: a causal LM). ``reward_fn``: with generation, a function of a generated batch
+    returning each row's reward (float ``[B]``, e.g. :class:`mentor.generation.AnswerReward`),
+    put in the batch as ``rewards`` for the quality-aware objectives.
     """
 
     def __init__(
@@ -287,6 +291,7 @@ class Distiller:
         save_student: Callable[[nn.Module, Path], None] | None = None,
         collate_fn: Callable[[list[Any]], dict[str, Any]] = default_collate,
         callbacks: Sequence[Any] = (),
+        reward_fn: Callable[[dict[str, Any]], Tensor] | None = None,
         write_run: bool = True,
         output_dir: str | Path | None = None,
         eval_every: int | None = None,
@@ -307,6 +312,7 @@ class Distiller:
         self.save_student = save_student or _save_state_dict
         self.collate = collate_fn
         self.callbacks = list(callbacks)
+        self.reward_fn = reward_fn  # generation: a batch -> float [B] verifier score
         self.write_run = write_run
         self.out = Path(config.output.dir)
         teacher_terms = [n for n, t in objective.terms.items() if t.name != "ce"]
@@ -434,15 +440,19 @@ class Distiller:
                 torch.Generator(device=device).manual_seed(_sample_seed(seed, step, e, k))
                 for e, k in zip(ids.tolist(), reps.tolist(), strict=True)
             ]
-            gen = generate(
-                model, rows["prompt_ids"], rows["prompt_mask"], sampling,
-                generator=rngs, eos_token_id=eos, pad_token_id=pad,
-            )  # fmt: skip
+            bf16 = g.mode == "seq_kd" and getattr(self.teacher, "precision", "fp32") == "bf16"
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                gen = generate(
+                    model, rows["prompt_ids"], rows["prompt_mask"], sampling,
+                    generator=rngs, eos_token_id=eos, pad_token_id=pad,
+                )  # fmt: skip
             new = {**rows, "input_ids": gen.input_ids, "attention_mask": gen.attention_mask,
                    "completion_mask": gen.completion_mask}  # fmt: skip
             if replay is not None:
                 replay.add(new)
             out.append(_with_groups(new, ids.to(device)))
+        if self.reward_fn is not None:
+            out = [{**b, "rewards": self.reward_fn(b)} for b in out]
         return out
 
     def _restore_replay(self, folder: Path, rank: int, acc: Any) -> None:
@@ -864,6 +874,17 @@ def _check_generation(cfg: RunConfig, task: Task, data: Dataset) -> None:
         raise ValueError(
             f"generation.mode={mode} needs prompt data: set data.source=prompts (JSONL "
             "prompts/completions or text cut into prompt/continuation pairs)"
+        )
+    field = cfg.generation.reward_field
+    if field is not None and field not in data[0]:
+        raise ValueError(
+            f"generation.reward_field={field!r}: the data has no field {field!r}; pass it "
+            f"through from the JSONL with data.params.fields: [{field}]"
+        )
+    if field is not None and mode == "replay":
+        raise ValueError(
+            "generation.reward_field does not work with generation.mode=replay (the replay "
+            "buffer keeps tokens, not data fields); use on_policy or mixed"
         )
 
 
