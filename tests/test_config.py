@@ -150,3 +150,23 @@ def test_zero_weight_on_one_term_or_ramped_up_is_allowed():
         load_config("digits", [ramp.replace("start: 0", "start: -1")])
     with pytest.raises(ConfigError, match="every term has weight 0"):
         load_config({"objective": {"kd": {"weight": 0}}}, [ramp.replace("end: 1", "end: 0")])
+
+
+def test_every_yaml_snippet_in_docs_config_is_a_valid_recipe():
+    """The ```yaml examples of docs/config.md load as recipes (keys and values validated)."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    from mentor.config import load_config
+
+    text = (Path(__file__).parent.parent / "docs" / "config.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", text, flags=re.S)
+    assert len(blocks) >= 2
+    for block in blocks:
+        spec = yaml.safe_load(block)
+        assert isinstance(spec, dict), block
+        cfg = load_config(spec)  # raises naming the bad key
+        for section in spec:
+            assert getattr(cfg, section) is not None
