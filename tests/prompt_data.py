@@ -66,14 +66,15 @@ def word_tokenizer():
     )
 
 
-def save_tiny_llama(folder: Path, seed: int = 0) -> Path:
-    """Save a random 2-layer Llama and its word-level tokenizer in ``folder`` (a teacher)."""
+def save_tiny_llama(folder: Path, seed: int = 0, extra_vocab: int = 0) -> Path:
+    """Save a random 2-layer Llama and its word-level tokenizer in ``folder`` (a teacher);
+    ``extra_vocab`` output rows more than the tokenizer has."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = word_tokenizer()
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        vocab_size=len(tok) + extra_vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
         eos_token_id=W_EOS, pad_token_id=W_PAD, bos_token_id=None,
     )  # fmt: skip

@@ -20,9 +20,7 @@ from mentor.data import build_data
 from mentor.signals import TopK
 from mentor.teachers import OnlineTeacher
 from mentor.teachers.routed import ROUTE_FEATURE, RoutedTeacher
-
-PAD, UNK, EOS = 0, 1, 2
-N_WORDS = 40
+from prompt_data import N_WORDS, save_tiny_llama
 
 
 @pytest.fixture(autouse=True)
@@ -258,39 +256,13 @@ def test_routed_cache_round_trip_and_routing_in_provenance(tmp_path):
 # ----------------------------------------------------------------------------- prompts + LMs
 
 
-def _tok():
-    """A whitespace word-level tokenizer (``w<i>`` is id ``i + 3``), built in-process."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"[PAD]": PAD, "[UNK]": UNK, "</s>": EOS}
-    vocab.update({f"w{i}": i + 3 for i in range(N_WORDS)})
-    t = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=t, unk_token="[UNK]", pad_token="[PAD]", eos_token="</s>"
-    )
-
-
 @pytest.fixture(scope="module")
 def lm_dirs(tmp_path_factory):
     """Saved random 2-layer Llamas with one word-level tokenizer (the third has a larger vocab)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = _tok()
-    dirs = []
-    for seed, extra in ((0, 0), (1, 0), (2, 8)):
-        folder = tmp_path_factory.mktemp(f"lm{seed}")
-        torch.manual_seed(seed)
-        cfg = LlamaConfig(
-            vocab_size=len(tok) + extra, hidden_size=32, intermediate_size=64,
-            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            max_position_embeddings=64, eos_token_id=EOS, pad_token_id=PAD, bos_token_id=None,
-        )  # fmt: skip
-        LlamaForCausalLM(cfg).save_pretrained(str(folder))
-        tok.save_pretrained(str(folder))
-        dirs.append(folder)
-    return dirs
+    return [
+        save_tiny_llama(tmp_path_factory.mktemp(f"lm{seed}"), seed, extra)
+        for seed, extra in ((0, 0), (1, 0), (2, 8))
+    ]
 
 
 @pytest.fixture
