@@ -74,3 +74,26 @@ def test_a_new_source_is_one_class(tmp_path):
         assert (res.run_dir / "student").exists()
     finally:
         SOURCES._items.pop("scaled_test", None)
+
+
+def test_online_top_k_sends_a_sparse_signal(tmp_path):
+    """teacher.top_k=K: the loss gets the online teacher's top-K log-probs and tail mass."""
+    from mentor.signals import TopK
+    from mentor.teachers import OnlineTeacher
+
+    with pytest.raises(ConfigError, match="top_k"):
+        load_config("digits", ["teacher.top_k=0"])
+    cfg = load_config("digits", [f"output.dir={tmp_path}/run", "teacher.top_k=3", *TINY])
+    teacher = Assembly(cfg).teacher_source()
+    assert isinstance(teacher, OnlineTeacher) and teacher.top_k == 3
+    x = torch.randn(5, 64)
+    out = teacher({"inputs": x}).logits
+    assert isinstance(out, TopK) and out.indices.shape == (5, 3)
+    dense = teacher.module(x).log_softmax(-1)
+    vals, idx = dense.topk(3, -1)
+    torch.testing.assert_close(out.logprobs, vals)
+    assert torch.equal(out.indices, idx)
+    rest = torch.log1p(-vals.exp().sum(-1))
+    torch.testing.assert_close(out.tail, rest, rtol=1e-4, atol=1e-5)
+    res = distill(cfg, quiet=True)  # kd trains on the top-3 signal
+    assert (res.run_dir / "student").exists()

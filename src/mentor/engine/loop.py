@@ -350,6 +350,7 @@ class Distiller:
         self._teacher_head = (
             config.train.fused_loss_chunk is not None
             and isinstance(teacher, OnlineTeacher)
+            and teacher.top_k is None
             and OUTPUT_TAP not in {t for _, t in objective.taps.values()}
             and linear_head(teacher.module) is not None
         )

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from mentor.models import model_outputs, position_ids
@@ -22,14 +22,26 @@ from mentor.teachers.base import (
 )
 
 
+class OnlineOptions(BaseModel):
+    """``teacher.top_k``: send the loss the teacher's top-k per position (log-probs + tail)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    top_k: int | None = Field(None, ge=1)
+
+
 @register_source("online")
 class OnlineTeacher(TeacherSource):
     """A frozen module run on each batch under ``torch.no_grad()``.
 
     Recipe: ``teacher: {builder: NAME, params: {...}}`` (fitted on labels first with
     ``fit:``) or ``teacher: {path: FOLDER}``; ``precision: bf16`` runs it under autocast.
+    ``top_k: K`` turns its logits into a :class:`~mentor.signals.TopK` signal (the K most
+    likely classes' log-probs and the tail mass, what a sparse cache stores), so sparse-signal
+    losses train online too — also on samples generated during training, which no cache holds.
     """
 
+    Options = OnlineOptions
     uses_module = True
     cacheable = True
 
@@ -38,7 +50,10 @@ class OnlineTeacher(TeacherSource):
         """The recipe's teacher module, built (or fitted) once by the assembly layer."""
         module = ctx.module()
         known = ctx.known_outputs() if hasattr(ctx, "known_outputs") else None
-        return cls(module, precision=ctx.cfg.teacher.precision, taps=ctx.taps, known=known)
+        top_k = ctx.cfg.teacher.options.top_k
+        return cls(
+            module, precision=ctx.cfg.teacher.precision, taps=ctx.taps, known=known, top_k=top_k
+        )
 
     def __init__(
         self,
@@ -47,6 +62,7 @@ class OnlineTeacher(TeacherSource):
         precision: str = "fp32",
         taps: Sequence[str] = (),
         known: Mapping[int, Tensor] | None = None,
+        top_k: int | None = None,
     ) -> None:
         """Freeze ``module``; ``taps`` are module paths whose outputs feature losses compare.
 
@@ -56,6 +72,7 @@ class OnlineTeacher(TeacherSource):
         """
         self.module = freeze(module)
         self.precision = precision
+        self.top_k = top_k
         self.taps = list(taps)
         self._hooks = FeatureTaps(self.module, self.taps, role="teacher") if self.taps else None
         usable = known is not None and not self.taps and precision == "fp32"
@@ -73,12 +90,21 @@ class OnlineTeacher(TeacherSource):
         if self.known is not None and "index" in batch:
             ids = [int(i) for i in batch["index"]]
             if all(i in self.known for i in ids):
-                return TeacherOutput(logits=torch.stack([self.known[i] for i in ids]).to(dev))
+                known = torch.stack([self.known[i] for i in ids]).to(dev)
+                return TeacherOutput(logits=self._signal(known))
         self.module.eval()
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             logits = model_outputs(self.module, batch)
         feats = self._hooks.pop() if self._hooks else {}
-        return TeacherOutput(logits=logits, features=feats)
+        return TeacherOutput(logits=self._signal(logits), features=feats)
+
+    def _signal(self, logits: Tensor) -> Any:
+        """Dense logits, or their top-k (``top_k``; at most the number of classes)."""
+        if self.top_k is None:
+            return logits
+        from mentor.signals import TopK
+
+        return TopK.from_logits(logits, min(self.top_k, logits.shape[-1]))
 
     @torch.no_grad()
     def head_output(self, batch: dict[str, Any]) -> TeacherOutput:
