@@ -466,3 +466,32 @@ def test_every_logit_objective_trains_in_every_mode_with_every_signal(tmp_path, 
             assert term in rec and rec[term] == rec[term] and abs(rec[term]) < 1e6, (term, rec)
     moved = [k for k, v in student.state_dict().items() if not torch.equal(v, before[k])]
     assert moved
+
+
+@pytest.mark.parametrize("mode", ["off", "on_policy"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_logits_from_the_prompt_end_give_the_same_losses(tmp_path, tiny_lm, mode, fused):
+    """Only completion positions count, so computing logits from the last prompt token on
+    (HF ``logits_to_keep``) changes nothing but the cost."""
+    import functools
+
+    kept = []
+    runs = []
+    for cut in (True, False):
+        d = _distiller(tmp_path / f"{cut}", tiny_lm, mode, steps=3,
+                       fused_loss_chunk=8 if fused else None)  # fmt: skip
+        d._cut_logits = cut
+        real = d.model.student.forward
+
+        @functools.wraps(real)
+        def spy(*a, _real=real, **k):
+            kept.append(k.get("logits_to_keep"))
+            return _real(*a, **k)
+
+        d.model.student.forward = spy
+        d.fit()
+        runs.append([r["loss"] for r in d.history])
+    assert runs[0] == pytest.approx(runs[1], rel=1e-5)
+    if not fused:  # (a fused head runs the student's body, not its forward)
+        assert any(isinstance(k, int) and k > 0 for k in kept)  # the cut was asked for
+        assert None in kept  # and not asked for without it

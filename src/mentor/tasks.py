@@ -189,6 +189,12 @@ class _LMAcc(Accumulator):
         return res
 
 
+def _positions(x: Any) -> int:
+    """Sequence positions of logits ``[B, T, V]``, a teacher signal or a fused head."""
+    hidden = getattr(x, "hidden", None)
+    return int((hidden if isinstance(hidden, Tensor) else x).shape[1])
+
+
 def _target_mask(batch: Mapping[str, Any]) -> Tensor | None:
     """Which next-token targets count: completion tokens when the batch marks them (prompt
     data, generated samples), else every attended token; ``None`` when all count."""
@@ -213,8 +219,15 @@ class CausalLM(Task):
 
         With prompt data (a ``completion_mask``) only the completion tokens count."""
         mask = _target_mask(batch)
-        t = teacher_logits[:, :-1] if teacher_logits is not None else None
-        return logits[:, :-1], t, batch["input_ids"][:, 1:], mask
+        ids = batch["input_ids"]
+        ns = _positions(logits)
+        nt = _positions(teacher_logits) if teacher_logits is not None else ns
+        n = min(ns, nt)  # a model may return only the last positions' logits (logits_from)
+        start = ids.shape[1] - n
+        t = teacher_logits[:, nt - n : -1] if teacher_logits is not None else None
+        if start > 0 and mask is not None:
+            mask = mask[:, start:]
+        return logits[:, ns - n : -1], t, ids[:, start + 1 :], mask
 
     def count_positions(self, batch: Mapping[str, Any]) -> int:
         """Attended next-token positions (the first token of each sequence predicts nothing);

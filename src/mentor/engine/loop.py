@@ -36,7 +36,7 @@ from mentor.generation import SamplingConfig, generate
 from mentor.losses import Objective
 from mentor.losses.objective import FusedHead
 from mentor.losses.schedules import apply_schedules, check_schedules, lr_lambda
-from mentor.models import model_outputs, position_ids
+from mentor.models import LOGITS_FROM, model_outputs, position_ids
 from mentor.models.taps import FeatureTaps
 from mentor.progress import Progress
 from mentor.registry import did_you_mean
@@ -120,7 +120,11 @@ def _fused_head(student: nn.Module, batch: dict[str, Any], chunk: int) -> FusedH
         position_ids=position_ids(batch),
     )
     head = student.get_output_embeddings()
-    return FusedHead(out.last_hidden_state, head.weight, head.bias, chunk)
+    start = batch.get(LOGITS_FROM)
+    hidden = out.last_hidden_state
+    if isinstance(start, int) and start > 0:
+        hidden = hidden[:, start:]
+    return FusedHead(hidden, head.weight, head.bias, chunk)
 
 
 def count_positions(batch: dict[str, Any], task: str | Task) -> int:
@@ -354,6 +358,9 @@ class Distiller:
             and OUTPUT_TAP not in {t for _, t in objective.taps.values()}
             and linear_head(teacher.module) is not None
         )
+        # prompt batches: student and teacher compute logits from the last prompt token on
+        # (positions before it never count); not with feature taps, which see every position
+        self._cut_logits = self.task.name == "causal_lm" and not objective.taps
         self.history: list[dict[str, Any]] = []
         self.replay: ReplayBuffer | None = None  # generation.mode=replay: set up by fit()
 
@@ -666,6 +673,8 @@ class Distiller:
                     state["pos"] += 1
                     window.append(_to_device(batch, acc.device))
                 window = self._generate(window, state["step"], rank, acc.device)
+                if self._cut_logits:  # the loss counts completion tokens only
+                    window = [_logits_from_prompt_end(b) for b in window]
                 counts = [self.task.count_positions(b) for b in window]
                 n_global = acc.reduce(torch.tensor(float(sum(counts)), device=acc.device), "sum")
                 n_global = max(float(n_global), 1.0)
@@ -974,6 +983,14 @@ def _objective_record(objective: Objective) -> dict[str, dict[str, Any]]:
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+def _logits_from_prompt_end(batch: dict[str, Any]) -> dict[str, Any]:
+    """Mark a prompt batch so logits are computed from its last prompt position on."""
+    prompt = batch.get("prompt_ids")
+    if not isinstance(prompt, Tensor) or prompt.dim() != 2 or prompt.shape[1] < 2:
+        return batch
+    return {**batch, LOGITS_FROM: int(prompt.shape[1]) - 1}
 
 
 def _sample_seed(seed: int, step: int, example: int, sample: int) -> int:

@@ -7,6 +7,7 @@ read raw texts, and any ``nn.Module`` returning logits.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from torch import Tensor, nn
@@ -26,6 +27,19 @@ def position_ids(batch: dict[str, Any]) -> Tensor | None:
     return (mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
+# Batch key (int): only positions from here on need logits (the engine sets it on prompt
+# batches, whose loss counts completion tokens only; see DistillModule and tasks.CausalLM).
+LOGITS_FROM = "logits_from"
+
+
+def takes_logits_to_keep(model: nn.Module) -> bool:
+    """True when ``model.forward`` accepts ``logits_to_keep`` (recent HF causal LMs)."""
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return False
+
+
 def model_outputs(model: nn.Module, batch: dict[str, Any]) -> Tensor:
     """Call ``model`` on ``batch`` and return its logits (or embeddings) tensor.
 
@@ -33,7 +47,9 @@ def model_outputs(model: nn.Module, batch: dict[str, Any]) -> Tensor:
     strings. Batches with ``input_ids`` are passed as keyword arguments (Hugging Face style,
     with the attention mask); others call ``model(batch["inputs"])``. Outputs with a
     ``.logits`` attribute, tuples (first element) and bare tensors are all accepted. Logits of
-    a model marked by the vocabulary check are trimmed to the common vocabulary size.
+    a model marked by the vocabulary check are trimmed to the common vocabulary size. With
+    ``batch["logits_from"] = s`` a model that takes ``logits_to_keep`` computes the logits of
+    positions ``s..L-1`` only (the output layer is most of a small LM's cost).
     """
     if getattr(model, "takes_texts", False) or getattr(
         getattr(model, "module", None), "takes_texts", False
@@ -51,6 +67,9 @@ def model_outputs(model: nn.Module, batch: dict[str, Any]) -> Tensor:
             pos = position_ids(batch)
             if pos is not None:
                 kwargs["position_ids"] = pos
+        start = batch.get(LOGITS_FROM)
+        if isinstance(start, int) and start > 0 and takes_logits_to_keep(model):
+            kwargs["logits_to_keep"] = int(batch["input_ids"].shape[1]) - start
         out = model(**kwargs)
     elif "inputs" in batch:
         out = model(batch["inputs"])
@@ -66,4 +85,10 @@ def model_outputs(model: nn.Module, batch: dict[str, Any]) -> Tensor:
     return out
 
 
-__all__ = ["VOCAB_LIMIT_ATTR", "model_outputs", "position_ids"]
+__all__ = [
+    "LOGITS_FROM",
+    "VOCAB_LIMIT_ATTR",
+    "model_outputs",
+    "position_ids",
+    "takes_logits_to_keep",
+]

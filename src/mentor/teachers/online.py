@@ -11,7 +11,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from mentor.models import model_outputs, position_ids
+from mentor.models import LOGITS_FROM, model_outputs, position_ids
 from mentor.models.taps import FeatureTaps
 from mentor.teachers.base import (
     SourceContext,
@@ -130,9 +130,10 @@ class OnlineTeacher(TeacherSource):
                 position_ids=position_ids(batch),
             )
         feats = self._hooks.pop() if self._hooks else {}
-        return TeacherOutput(
-            logits=HeadLogits(out.last_hidden_state, head.weight, head.bias), features=feats
-        )
+        hidden, start = out.last_hidden_state, batch.get(LOGITS_FROM)
+        if isinstance(start, int) and start > 0:  # only these positions' logits are needed
+            hidden = hidden[:, start:]
+        return TeacherOutput(logits=HeadLogits(hidden, head.weight, head.bias), features=feats)
 
 
 def linear_head(model: nn.Module) -> nn.Linear | None:
