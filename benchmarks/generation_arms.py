@@ -50,6 +50,7 @@ def _records(run: Path) -> list[dict[str, Any]]:
     return [r for r in map(json.loads, lines) if r.get("kind") == "train"]
 
 
+PARENT = "LLM distillation with generation"
 EXTRA: list[str] = []  # --quick: shorter prompts and completions
 
 
@@ -170,9 +171,13 @@ def _markdown(p: dict[str, Any]) -> str:
     ]
     for a in arms:
         lines.append(f"| {a} | " + " | ".join(_fmt(mean(a, k)) for k in keys) + " |")
-    lines += ["", p["verdict"], ""]
+    lines += ["", p["verdict"]]
+    return "\n".join(lines)
+
+
+def _markdown_bf16(p: dict[str, Any]) -> str:
     d = p["bf16"]
-    lines += [
+    lines = [
         "### (d) Reduced-precision teacher (bf16 autocast)",
         "",
         f"CPU flags: {p['cpu_bf16']}. The teacher scores (and in seq-KD generates) under "
@@ -243,7 +248,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )  # fmt: skip
     p["bf16_pays"] = pays
     C.write_json("generation_arms", p)
-    C.update_section("generation_arms", _markdown(p))
+    if rows:
+        C.update_subsection("generation_arms", _markdown(p), PARENT)
+    C.update_subsection("generation_arms_bf16", _markdown_bf16(p), PARENT)
     return p
 
 

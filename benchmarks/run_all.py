@@ -29,16 +29,22 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
         ["--train-blocks", "16", "--val-blocks", "8", "--steps", "2", "--timing-rounds", "1"],
     ),
     "trl_compare": ("benchmarks.trl_compare", ["--quick"]),
+    "onpolicy_compare": ("benchmarks.onpolicy_compare", ["--quick"]),
     "leaderboard": ("benchmarks.leaderboard", ["--quick"]),
     "scaling": ("benchmarks.scaling", ["--quick"]),
+    "teacher_hacking": ("benchmarks.teacher_hacking", ["--quick"]),
+    "generation_arms": ("benchmarks.generation_arms", ["--quick"]),
 }
 EXPECTED_MIN = {
     "engine_overhead": 2,
     "loss_memory": 15,
     "cache_fidelity": 12,
     "trl_compare": 15,
+    "onpolicy_compare": 20,
     "leaderboard": 30,
     "scaling": 10,
+    "teacher_hacking": 20,
+    "generation_arms": 30,
 }
 
 INTRO = """# Benchmarks
@@ -89,6 +95,18 @@ def summary() -> list[str]:
                 f"vs TRL, {r['pair']} pair, {r['loss']}, {r['side']}: "
                 f"{r['speed_vs_trl']:.2f}× tokens/s, {r['rss_vs_trl']:.2f}× peak RSS."
             )
+    op = read_json("onpolicy_compare")
+    if op:
+        busy = " (busy machine)" if op.get("busy") else ""
+        for r in op["rows"]:
+            for key, label in (("gkd", "GKDTrainer"), ("distill", "DistillationTrainer")):
+                if "error" in r or f"speed_vs_{key}" not in r:
+                    continue
+                out.append(
+                    f"On-policy step vs TRL {label}, {r['pair']} pair, {r['side']}: "
+                    f"{r[f'speed_vs_{key}']:.2f}× tokens/s, {r[f'rss_vs_{key}']:.2f}× peak RSS"
+                    f"{busy}."
+                )
     lm = read_json("loss_memory")
     if lm and lm.get("results"):
         by = {(r["loss"], r["vocab"], r["mode"]): r for r in lm["results"]}
@@ -117,6 +135,31 @@ def summary() -> list[str]:
             "Scaling (time ∝ (V·T)^k): "
             + ", ".join(f"{k} k={f['time']:.2f}" for k, f in sc["fits"].items())
             + "."
+        )
+    th = read_json("teacher_hacking")
+    if th and "arms" in th:
+        k = max(th["scale"]["mem_k"])
+        mem = th["memorization"]
+        v = {arm: th["arms"][arm]["verdicts"] for arm in ("offline", "online")}
+        out.append(
+            "Teacher hacking (forward KL; held-out student samples / reference text): "
+            + "; ".join(
+                f"{arm}: {v[arm]['samples_fwd']['label']} / {v[arm]['reference_fwd']['label']}"
+                for arm in v
+            )
+            + f". Memorization (train exact@{k}): ce "
+            f"{mem['ce_reference']['train_vs_reference'][f'exact@{k}']:.0%} vs KD "
+            f"{mem['kd_soft']['train_vs_reference'][f'exact@{k}']:.0%}."
+        )
+    ga = read_json("generation_arms")
+    if ga:
+        if ga.get("arms"):
+            out.append(ga["verdict"])
+        sp = {m: v["speedup"] for m, v in ga["bf16"]["speed"].items()}
+        out.append(
+            "bf16 teacher step speed-up: "
+            + ", ".join(f"{m} {x:.2f}×" for m, x in sp.items())
+            + f"; top-1 agreement with fp32 {ga['bf16']['fidelity']['top1_agreement']:.3f}."
         )
     return out
 

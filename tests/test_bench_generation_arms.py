@@ -42,7 +42,10 @@ def test_markdown_averages_seeds_and_reports_bf16():
         "bf16_verdict": "W.",
     }  # fmt: skip
     md = G._markdown(p)
+    assert md.startswith("### (b)")
     assert "| kd_off | 4.000 | 3.000 |" in md  # the mean over the two seeds
     assert "| on_policy | 2.000 | 1.000 |" in md
+    md = G._markdown_bf16(p)
+    assert md.startswith("### (d)")
     assert "| off | 0.500 (0.400–0.600) | 0.500 (0.400–0.600) | 1.00× |" in md
     assert "agreement of the bf16 teacher with the fp32 teacher 0.9900" in md
