@@ -608,8 +608,9 @@ def _call(name, s, t, kw, hp):
 
 
 # The "sequences" losses (kepo, paced, tsd_kd, mgsr_span) need whole sampled sequences, groups and
-# rewards; tests/test_losses_sequence.py holds their references and the same generic checks.
-ALL = [n for n in L.list_losses() if L.LOSSES.get(n).inputs != "sequences"]
+# rewards; tests/test_losses_sequence.py holds their references and the same generic checks. The
+# cross-tokenizer "xtok" losses (uld, gold_hybrid) take per-side inputs: tests/test_losses_xtok.py.
+ALL = [n for n in L.list_losses() if L.LOSSES.get(n).inputs not in ("sequences", "xtok")]
 PARAMS = [pytest.param(n, i, id=f"{n}-{i}") for n in ALL for i in range(len(CASES.get(n, [{}])))]
 
 

@@ -5,7 +5,9 @@ Logit losses accept dense teacher logits or the sparse signals of :mod:`mentor.s
 logits; :func:`fused_linear_loss` computes them from hidden states and the output head without
 materialising the student logits. :mod:`mentor.losses.sequence` holds the objectives for
 distillation with generation (``kepo``, ``paced``, ``tsd_kd``, ``mgsr_span``), which also take
-per-sequence ``groups`` / ``rewards``. See ``docs/losses.md``.
+per-sequence ``groups`` / ``rewards``; :mod:`mentor.losses.xtok` the cross-tokenizer losses
+(``uld``, ``gold_hybrid``) for a teacher and student with different tokenizers. See
+``docs/losses.md``.
 """
 
 from mentor.losses._base import LOSSES, Loss, get_loss, list_losses, register_loss
@@ -39,6 +41,7 @@ from mentor.losses.ranking import listwise_kl, margin_mse
 from mentor.losses.relational import gram_kl, rkd_angle, rkd_distance, spkd
 from mentor.losses.sequence import kepo, mgsr_span, paced, tsd_kd
 from mentor.losses.taid_schedule import TAIDScheduler
+from mentor.losses.xtok import align_spans, build_vocab_map, gold_hybrid, uld
 from mentor.signals import Sampled, TopK
 
 __all__ = [
@@ -49,15 +52,18 @@ __all__ = [
     "Sampled",
     "TAIDScheduler",
     "TopK",
+    "align_spans",
     "attention_transfer",
     "bd_kd",
     "build_projector",
+    "build_vocab_map",
     "ce",
     "cosine_embedding",
     "describe_losses",
     "dist",
     "dkd",
     "forward_kl",
+    "gold_hybrid",
     "fused_linear_loss",
     "get_loss",
     "gram_kl",
@@ -85,4 +91,5 @@ __all__ = [
     "token_relation",
     "tsd_kd",
     "tvd",
+    "uld",
 ]

@@ -165,6 +165,13 @@ class Objective(nn.Module):
                     self.projectors[term] = build_projector(proj)
             except ValueError as e:
                 raise ValueError(f"objective.{term}: {e}") from None
+            if self.terms[term].inputs == "xtok":
+                raise ValueError(
+                    f"objective.{term}: loss {loss_name!r} is a cross-tokenizer loss; the engine "
+                    f"does not pass its per-side inputs (teacher mask/labels, offsets, vocab map) "
+                    f"yet, so it cannot be an objective term: call mentor.losses.{loss_name}(...) "
+                    f"directly"
+                )
             if self.terms[term].inputs not in ("logits", "sequences"):
                 if not (s_tap and t_tap):
                     raise ValueError(
