@@ -761,6 +761,8 @@ def cache_recipe(
         settings.features = [*settings.features, OUTPUT]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     features = list(settings.check().features)
+    if built is not None and hasattr(built, "check_cache_settings"):
+        built.check_cache_settings(settings)  # e.g. a served teacher: at most its top-k
     if built is not None:
         fn = built.cache_function(features, device)
     else:

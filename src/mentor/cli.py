@@ -265,9 +265,25 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve_teacher(args: argparse.Namespace) -> int:
+    from mentor.serve import load_teacher, serve
+
+    teacher = load_teacher(args.teacher, args.overrides, name=args.model_name)
+    err.print(
+        f"serving {teacher.name!r} at http://{args.host}:{args.port}/v1 (completions with echo "
+        "and logprobs; Ctrl-C stops)",
+        markup=False, highlight=False, soft_wrap=True,
+    )  # fmt: skip
+    serve(
+        teacher, host=args.host, port=args.port, max_batch=args.max_batch,
+        batch_wait_ms=args.batch_wait_ms, max_logprobs=args.max_logprobs,
+    )  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (subcommands: version, losses, recipes, distill, eval, report,
-    compare, demo, cache, plan, generate)."""
+    compare, demo, serve-teacher, cache, plan, generate)."""
     p = argparse.ArgumentParser(
         prog="mentor",
         description="Knowledge distillation: train a small student to imitate a large teacher.",
@@ -307,6 +323,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/demo", help="where the demo writes its runs")
     s.add_argument("--smoke", action="store_true", help="a few steps only (for tests)")
     s.set_defaults(fn=_cmd_demo)
+    s = sub.add_parser(
+        "serve-teacher",
+        help="serve a teacher over the OpenAI completions API (teacher.source=served)",
+        description="Serve a recipe's teacher (shipped name or YAML, with key=value overrides) "
+        "or a causal LM (folder, asset name, .gguf) through the OpenAI-compatible completions "
+        "API subset vLLM exposes: POST /v1/completions (echo, logprobs, token-id prompts, "
+        "return_tokens_as_token_ids) and GET /v1/models. See docs/config.md (source: served).",
+    )
+    s.add_argument("teacher", help="recipe (name or YAML) or model folder / asset name")
+    s.add_argument("overrides", nargs="*", help="dotted recipe overrides such as data.params.n=8")
+    s.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    s.add_argument("--model-name", default=None, help="served model name (default: recipe "
+                   "name or folder name)")  # fmt: skip
+    s.add_argument("--max-batch", type=int, default=32, help="sequences per forward pass")
+    s.add_argument("--batch-wait-ms", type=float, default=5.0,
+                   help="how long a forward pass waits for more requests")  # fmt: skip
+    s.add_argument("--max-logprobs", type=int, default=20, help="largest logprobs=K accepted")
+    s.set_defaults(fn=_cmd_serve_teacher)
     for name, fn, help_ in (
         ("cache", _cmd_cache, "run a recipe's teacher once and store its signals (see -h)"),
         ("plan", _cmd_plan, "estimate parameters, FLOPs, cache size and logit memory"),
