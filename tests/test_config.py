@@ -170,3 +170,17 @@ def test_every_yaml_snippet_in_docs_config_is_a_valid_recipe():
         cfg = load_config(spec)  # raises naming the bad key
         for section in spec:
             assert getattr(cfg, section) is not None
+
+
+def test_teacher_precision_auto_resolves_by_hardware(monkeypatch):
+    """auto = bf16 where the hardware has native bf16, else fp32 — resolved at load."""
+    import mentor.config as C
+
+    monkeypatch.setattr(C, "native_bf16", lambda: True)
+    assert C.load_config("digits", ["teacher.precision=auto"]).teacher.precision == "bf16"
+    monkeypatch.setattr(C, "native_bf16", lambda: False)
+    cfg = C.load_config("digits", ["teacher.precision=auto"])
+    assert cfg.teacher.precision == "fp32"
+    assert "precision: fp32" in C.dump_config(cfg)  # config.yaml records what ran
+    with pytest.raises(C.ConfigError, match="precision"):
+        C.load_config("digits", ["teacher.precision=fp8"])

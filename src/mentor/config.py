@@ -52,6 +52,20 @@ class FitConfig(_Strict):
 COMMON_TEACHER_KEYS = ("source", "builder", "params", "path", "fit", "precision")
 
 
+def native_bf16() -> bool:
+    """True on a CUDA GPU with bf16, or a CPU with avx512_bf16 / amx_bf16 instructions."""
+    import torch
+
+    if torch.cuda.is_available():
+        return bool(torch.cuda.is_bf16_supported())
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 class TeacherConfig(_Strict):
     """Where the teacher signal comes from.
 
@@ -68,8 +82,15 @@ class TeacherConfig(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
     path: str | None = None
     fit: FitConfig | None = None
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
     _options: Any = PrivateAttr(default=None)
+
+    @field_validator("precision", mode="after")
+    @classmethod
+    def _resolve_precision(cls, v: str) -> str:
+        """``auto``: bf16 where the hardware computes it natively, else fp32 (resolved now, so
+        ``config.yaml`` and cache provenance record what ran)."""
+        return ("bf16" if native_bf16() else "fp32") if v == "auto" else v
 
     @model_validator(mode="after")
     def _source_options(self) -> TeacherConfig:
