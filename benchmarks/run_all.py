@@ -34,6 +34,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "scaling": ("benchmarks.scaling", ["--quick"]),
     "teacher_hacking": ("benchmarks.teacher_hacking", ["--quick"]),
     "generation_arms": ("benchmarks.generation_arms", ["--quick"]),
+    "served_teacher": ("benchmarks.served_teacher", ["--quick"]),
 }
 EXPECTED_MIN = {
     "engine_overhead": 2,
@@ -45,6 +46,7 @@ EXPECTED_MIN = {
     "scaling": 10,
     "teacher_hacking": 20,
     "generation_arms": 30,
+    "served_teacher": 5,
 }
 
 INTRO = """# Benchmarks

@@ -312,3 +312,42 @@ def test_cached_features_reach_feature_terms_like_the_online_teacher(tmp_path, t
     assert runs[0][0] > 0.01 and runs[0] == pytest.approx(runs[1], rel=1e-5)
     with pytest.raises(ValueError, match=r"no feature 'encoder.layer.1'.*--features"):
         CachedTeacher(store, features=["encoder.layer.1"])
+
+
+def test_a_topk_teacher_function_writes_the_dense_paths_topk_records(tmp_path, tiny_lm):
+    """A teacher function returning TopK (e.g. a served teacher) is stored as given: the same
+    records as dense logits cut to the top-k by the writer; a smaller --top-k folds the rest
+    into the tail; --samples and a larger --top-k are refused."""
+    data = LMData()
+    splits = {"train": data}
+    prov = describe(tiny_lm, splits)
+
+    def dense(batch):
+        with torch.no_grad():
+            return tiny_lm(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits, {}
+
+    def sparse(batch):
+        return TopK.from_logits(dense(batch)[0], 8), {}
+
+    def records(fn, out, k):
+        s = CacheSettings(top_k=k, dtype="fp32", rows_per_shard=5, batch_size=4)
+        m = write_cache(fn, splits, tmp_path / out, s, provenance=prov, progress=False)
+        assert m["signals"]["topk"]["k"] == k
+        cols = ["id", "length", "topk_indices", "topk_logprobs", "topk_tail"]
+        tables = [pq.read_table(tmp_path / out / sh["file"], columns=cols) for sh in m["shards"]]
+        return {c: sum((t.column(c).to_pylist() for t in tables), []) for c in cols}
+
+    assert records(sparse, "sparse8", 8) == records(dense, "dense8", 8)
+    cut, ref = records(sparse, "sparse5", 5), records(dense, "dense5", 5)
+    for c in ("id", "length", "topk_indices", "topk_logprobs"):
+        assert cut[c] == ref[c], c
+    for a, b in zip(cut["topk_tail"], ref["topk_tail"]):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=1e-5)
+    with pytest.raises(CacheError, match="--samples 4: the teacher returns a top-8 signal"):
+        write_cache(sparse, splits, tmp_path / "s", CacheSettings(top_k=8, samples=4),
+                    provenance=prov, progress=False)  # fmt: skip
+    with pytest.raises(CacheError, match="--top-k 9 is above the k=8"):
+        write_cache(sparse, splits, tmp_path / "k", CacheSettings(top_k=9), provenance=prov,
+                    progress=False)  # fmt: skip

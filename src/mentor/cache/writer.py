@@ -128,13 +128,19 @@ def _batch_rows(
     ids = [int(i) for i in batch["index"]]
     b = len(ids)
     logits = out_logits
-    if (s.top_k or s.samples) and not isinstance(logits, Tensor):
-        raise CacheError("the teacher must return a logits tensor to cache top-k or samples")
-    t = logits.shape[1] if per_token else 1
-    lens = _lengths(batch, t) if per_token else [1] * b
     topk = sampled = None
-    if s.top_k:
-        topk = TopK.from_logits(logits, min(s.top_k, logits.shape[-1]))  # k <= classes
+    if isinstance(logits, TopK):  # a sparse teacher (e.g. source: served): stored as given
+        topk = _topk_signal(logits, s)
+        t = topk.shape[1] if per_token else 1
+    elif (s.top_k or s.samples) and not isinstance(logits, Tensor):
+        raise CacheError(
+            "the teacher must return a logits tensor (or a TopK signal) to cache top-k or samples"
+        )
+    else:
+        t = logits.shape[1] if per_token else 1
+        if s.top_k:
+            topk = TopK.from_logits(logits, min(s.top_k, logits.shape[-1]))  # k <= classes
+    lens = _lengths(batch, t) if per_token else [1] * b
     if s.samples:
         sampled = Sampled.from_logits(logits, s.samples, gen, temperature=s.sample_temperature)
     mask = batch.get("attention_mask") if per_token else None
@@ -167,6 +173,37 @@ def _batch_rows(
             r[f"feature:{name}"] = encode_floats(p[i], s.dtype)
         rows.append(r)
     return rows
+
+
+def _topk_signal(sig: TopK, s: CacheSettings) -> TopK | None:
+    """The top-``s.top_k`` of a teacher's :class:`TopK` signal (``None`` with ``--top-k 0``).
+
+    Only what the signal holds can be stored: samples need the full distribution, and
+    ``--top-k`` may not exceed the signal's ``k``. A smaller ``--top-k`` keeps the most likely
+    ids and folds the dropped log-probs into the tail.
+    """
+    if s.samples:
+        raise CacheError(
+            f"--samples {s.samples}: the teacher returns a top-{sig.k} signal (log-probs of "
+            "its k most likely ids), not the full distribution samples are drawn from; cache "
+            "its top-k only (--samples 0)"
+        )
+    if s.top_k > sig.k:
+        raise CacheError(
+            f"--top-k {s.top_k} is above the k={sig.k} log-probs the teacher returns per "
+            f"position: pass --top-k {sig.k} or less"
+        )
+    if not s.top_k:
+        return None
+    if s.top_k == sig.k:
+        return sig
+    lp = sig.logprobs.float()
+    order = lp.argsort(dim=-1, descending=True)
+    lp = lp.gather(-1, order)
+    idx = sig.indices.gather(-1, order)
+    k = s.top_k
+    tail = torch.logsumexp(torch.cat([sig.tail.float().unsqueeze(-1), lp[..., k:]], -1), -1)
+    return TopK(idx[..., :k], lp[..., :k], tail)
 
 
 def _table(rows: list[dict[str, Any]], s: CacheSettings) -> pa.Table:
@@ -390,7 +427,9 @@ def write_cache(
     """Run ``teacher`` over every split once and write the cache; returns the manifest.
 
     ``teacher``: a module (run frozen, see :func:`module_teacher`) or a teacher function
-    ``batch -> (logits, {feature name: tensor})`` (then pass ``provenance``). ``splits`` maps a split name (``train``, ``val``) to a dataset whose items carry ``index``
+    ``batch -> (logits, {feature name: tensor})`` (then pass ``provenance``); the function may
+    return a :class:`~mentor.signals.TopK` signal instead of logits (a served teacher), stored
+    as the top-k record (``settings.top_k`` at most its ``k``, no samples). ``splits`` maps a split name (``train``, ``val``) to a dataset whose items carry ``index``
     (a stable example id). ``provenance`` (see :func:`mentor.cache.provenance.describe`) is
     recorded in the manifest; by default the teacher weights and data are hashed here. A
     re-run with the same arguments resumes an interrupted cache; on a complete cache it checks

@@ -314,8 +314,9 @@ class ServedTeacher(TeacherSource):
                 f"{self._where()} changed the token ids it was sent (position {j}: sent "
                 f"{seq[j]}, echoed {echoed[j]}): it does not score token-id prompts as given"
             )
-        ri = torch.empty(n - 1, k, dtype=torch.long)
-        rv = torch.empty(n - 1, k, dtype=torch.float64)
+        tid, cut = self._token_id, len(TOKEN_ID_PREFIX)
+        ids_rows: list[list[int]] = []
+        val_rows: list[list[float]] = []
         for j in range(1, n):
             top = tops[j]
             if not isinstance(top, dict) or len(top) < k:
@@ -325,10 +326,25 @@ class ServedTeacher(TeacherSource):
                     f"teacher.top_k={k} (lower teacher.top_k, or raise the server's limit, "
                     "e.g. vLLM --max-logprobs)"
                 )
-            best = sorted(((float(v), self._token_id(key)) for key, v in top.items()),
-                          key=lambda x: -x[0])[:k]  # fmt: skip
-            rv[j - 1] = torch.tensor([v for v, _ in best], dtype=torch.float64)
-            ri[j - 1] = torch.tensor([i for _, i in best])
+            items = list(top.items())
+            if len(items) > k:  # e.g. vLLM adds the echoed token: keep the k most likely
+                items = sorted(items, key=lambda x: -float(x[1]))[:k]
+            ids_rows.append(
+                [
+                    int(key[cut:])
+                    if isinstance(key, str) and key.startswith(TOKEN_ID_PREFIX)
+                    else tid(key)
+                    for key, _ in items
+                ]
+            )
+            val_rows.append([float(v) for _, v in items])
+        # most likely first (a stable sort keeps the server's order of ties)
+        rv, order = (
+            torch.tensor(val_rows, dtype=torch.float64)
+            .reshape(n - 1, k)
+            .sort(dim=-1, descending=True, stable=True)
+        )
+        ri = torch.tensor(ids_rows, dtype=torch.long).reshape(n - 1, k).gather(-1, order)
         tail = torch.log1p(-rv.exp().sum(-1).clamp(max=1.0))
         return ri, rv.float(), tail.float()
 
@@ -356,8 +372,8 @@ class ServedTeacher(TeacherSource):
             )
 
     def cache_function(self, features: Sequence[str], device: torch.device | str) -> Any:
-        """``batch -> (logits, {})`` for ``mentor cache``: logits whose top-k (k <= top_k) is
-        exactly the served top-k (the tail mass spread evenly over the other ids)."""
+        """``batch -> (TopK, {})`` for ``mentor cache``: the served top-k signal itself, which
+        the cache writer stores as its top-k record (``--top-k`` at most ``teacher.top_k``)."""
         if features:
             raise ValueError(
                 f"mentor cache of a served teacher stores its top-k only; drop --features "
@@ -365,26 +381,10 @@ class ServedTeacher(TeacherSource):
             )
 
         def run(batch: dict[str, Any]) -> tuple[Any, dict[str, Tensor]]:
-            sig = self(batch).logits
-            return self._dense(sig), {}
+            return self(batch).logits, {}
 
         run.close = lambda: None  # type: ignore[attr-defined]
         return run
-
-    def _dense(self, sig: TopK) -> Tensor:
-        """Log-probs ``[..., V]``: the top-k as served, the tail spread over the other ids."""
-        v = self.vocab_size or (len(self.tokenizer) if self.tokenizer is not None else 0)
-        v = max(v, int(sig.indices.max()) + 1)
-        if v <= self.top_k:
-            raise ValueError(f"the served vocabulary ({v}) must be larger than top_k")
-        rest = sig.tail - math.log(v - self.top_k)
-        dense = rest.unsqueeze(-1).expand(*sig.shape, v).clone()
-        dense.scatter_(-1, sig.indices, sig.logprobs)
-        if bool((rest.unsqueeze(-1) > sig.logprobs).any()):
-            raise ValueError(
-                "served top-k cannot be cached exactly: the spread tail exceeds a kept log-prob"
-            )
-        return dense
 
     def close(self) -> None:
         """Close the HTTP client and the request threads."""
