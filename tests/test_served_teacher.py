@@ -130,10 +130,15 @@ def test_models_and_completions_api(served):
     assert bad.status_code == 404 and "does not exist" in bad.json()["error"]["message"]
 
 
-def test_served_top_k_equals_in_process_top_k(served, lm):
-    """The served signal at position t is TopK.from_logits of the model's logits at t."""
+@pytest.mark.parametrize("compact", [True, False])
+def test_served_top_k_equals_in_process_top_k(served, lm, compact):
+    """The served signal at position t is TopK.from_logits of the model's logits at t — from
+    mentor's compact arrays and from the OpenAI/vLLM dict per position alike."""
     model = _model(lm[0])
     teacher = ServedTeacher(served, "tiny", top_k=K, tokenizer=_tok(), concurrency=2)
+    teacher.check_server([5, 9, 12])
+    assert teacher._compact  # `mentor serve-teacher` advertises the compact arrays
+    teacher._compact = compact
     rows = [[5, 9, 12, 3, 30], [7, 8], [20, 21, 22, 23, 24, 25, 26]]
     t = max(map(len, rows))
     ids = torch.full((len(rows), t), W_PAD)

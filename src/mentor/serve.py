@@ -174,6 +174,9 @@ class CompletionRequest(BaseModel):
     temperature: float = Field(1.0, ge=0)
     seed: int | None = None
     return_tokens_as_token_ids: bool = False
+    # mentor's own clients: top-k as two arrays (logprobs.mentor_top) instead of one dict per
+    # position; far less to build, send and parse (advertised by /v1/models)
+    mentor_compact: bool = False
 
 
 def create_app(
@@ -213,6 +216,7 @@ def create_app(
     async def models() -> dict[str, Any]:
         card = {"id": teacher.name, "object": "model", "owned_by": "mentor"}
         card.update({"max_model_len": max_len or None, "vocab_size": vocab})
+        card["mentor_compact"] = True
         return {"object": "list", "data": [card]}
 
     async def generate(ids: list[int], req: CompletionRequest) -> list[int]:
@@ -256,20 +260,32 @@ def create_app(
                 return error(400, f"token id {bad[0]} is out of range (vocabulary size {vocab})")
             seqs.append(ids)
         choices, n_new = [], 0
-        for ci, ids in enumerate(seqs):
-            new = await generate(ids, req) if req.max_tokens else []
+        news = [await generate(ids, req) if req.max_tokens else [] for ids in seqs]
+        fulls = [ids + new for ids, new in zip(seqs, news)]
+        # every prompt of the request is submitted before any is awaited: one forward pass
+        futs = [scorer.submit(f, max(k, 1)) if k is not None else None for f in fulls]
+        for ci, (ids, new, full, fut) in enumerate(zip(seqs, news, fulls, futs)):
             n_new += len(new)
-            full = ids + new
             first = 0 if req.echo else len(ids)
             text = tok.decode(full[first:])
             lp = None
-            if k is not None:
-                fut = scorer.submit(full, max(k, 1))
+            if fut is not None and req.mentor_compact:
+                tl, ti, tv, _ = await asyncio.wrap_future(fut)
+                lp = {
+                    "tokens": [name_of(i, True) for i in full[first:]],
+                    "mentor_top": {
+                        "ids": ti[first:, :k].tolist(),
+                        "logprobs": tv[first:, :k].tolist(),
+                    },
+                }
+            elif fut is not None:
                 tl, ti, tv, _ = await asyncio.wrap_future(fut)
                 lp = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
                 off = 0
-                for t in range(first, len(full)):
-                    piece = tok.decode([full[t]])
+                pieces = tok.batch_decode(
+                    [[i] for i in full[first:]]
+                )  # one call, not one per token
+                for t, piece in zip(range(first, len(full)), pieces):
                     lp["tokens"].append(name_of(full[t], req.return_tokens_as_token_ids))
                     lp["text_offset"].append(off)
                     off += len(piece)

@@ -111,6 +111,7 @@ class ServedTeacher(TeacherSource):
         )
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="mentor-served")
         self._checked = False
+        self._compact = False  # the server sends top-k as arrays (mentor serve-teacher)
         self.vocab_size: int | None = None
 
     @classmethod
@@ -190,6 +191,8 @@ class ServedTeacher(TeacherSource):
             "model": self.model, "prompt": seqs, "max_tokens": 0, "echo": True,
             "logprobs": self.top_k, "temperature": 0.0, "return_tokens_as_token_ids": True,
         }  # fmt: skip
+        if self._compact:
+            body["mentor_compact"] = True
         data = self._post("/completions", body)
         choices = data.get("choices") if isinstance(data, dict) else None
         if not isinstance(choices, list) or len(choices) != len(seqs):
@@ -201,6 +204,9 @@ class ServedTeacher(TeacherSource):
         out = []
         for c in choices:
             lp = c.get("logprobs") if isinstance(c, dict) else None
+            if isinstance(lp, dict) and isinstance(lp.get("mentor_top"), dict):
+                out.append(lp)
+                continue
             if not isinstance(lp, dict) or not isinstance(lp.get("top_logprobs"), list):
                 raise ServedTeacherError(
                     f"{self._where()}: the response has no log-probs (choices[].logprobs."
@@ -241,6 +247,8 @@ class ServedTeacher(TeacherSource):
             for c in cards:
                 if isinstance(c, dict) and c.get("id") == self.model and c.get("vocab_size"):
                     self.vocab_size = int(c["vocab_size"])
+                if isinstance(c, dict) and c.get("id") == self.model:
+                    self._compact = c.get("mentor_compact") is True  # `mentor serve-teacher`
         if self.tokenizer is not None and sample:
             text = self.tokenizer.decode(list(sample), skip_special_tokens=True)
             mine = self.tokenizer(text)["input_ids"]
@@ -299,7 +307,8 @@ class ServedTeacher(TeacherSource):
 
     def _row(self, seq: list[int], lp: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
         """``[n - 1, k]`` ids and log-probs and ``[n - 1]`` tails of one echoed sequence."""
-        toks, tops = lp.get("tokens"), lp["top_logprobs"]
+        toks = lp.get("tokens")
+        tops = lp.get("top_logprobs") or lp.get("mentor_top", {}).get("ids", [])
         n, k = len(seq), self.top_k
         if not isinstance(toks, list) or len(toks) != n or len(tops) != n:
             got = len(toks) if isinstance(toks, list) else "no"
@@ -314,6 +323,21 @@ class ServedTeacher(TeacherSource):
                 f"{self._where()} changed the token ids it was sent (position {j}: sent "
                 f"{seq[j]}, echoed {echoed[j]}): it does not score token-id prompts as given"
             )
+        compact = lp.get("mentor_top")
+        if isinstance(compact, dict):  # `mentor serve-teacher`: [n, k] arrays, row 0 unused
+            try:
+                ci = torch.tensor(compact["ids"], dtype=torch.long)[1:]
+                cv = torch.tensor(compact["logprobs"], dtype=torch.float64)[1:]
+            except (KeyError, TypeError, ValueError):
+                raise ServedTeacherError(f"{self._where()}: malformed mentor_top arrays") from None
+            if ci.shape != (n - 1, k) or cv.shape != (n - 1, k):
+                raise ServedTeacherError(
+                    f"{self._where()} returned top-k arrays of shape {tuple(ci.shape)}, "
+                    f"expected {(n - 1, k)} (teacher.top_k={k})"
+                )
+            rv, order = cv.sort(dim=-1, descending=True, stable=True)
+            tail = torch.log1p(-rv.exp().sum(-1).clamp(max=1.0))
+            return ci.gather(-1, order), rv.float(), tail.float()
         tid, cut = self._token_id, len(TOKEN_ID_PREFIX)
         ids_rows: list[list[int]] = []
         val_rows: list[list[float]] = []
