@@ -14,6 +14,7 @@ LAYERS = {
     "mentor": 6,  # the package's public API re-exports everything
     "mentor.cli": 6,
     "mentor.demo": 6,
+    "mentor.serve": 6,  # `mentor serve-teacher`: loads a teacher through the assembly
     "mentor.report": 6,
     "mentor.assembly": 5,
     "mentor.engine": 4,
