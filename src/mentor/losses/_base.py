@@ -25,6 +25,7 @@ class Loss(nn.Module):
     fn: ClassVar[Callable[..., Any]]
     inputs: ClassVar[str] = "logits"
     defaults: ClassVar[dict[str, Any]] = {}
+    extras: ClassVar[tuple[str, ...]] = ()  # per-batch inputs it takes (see register_loss)
     name: ClassVar[str] = ""
 
     def __init__(self, **hp: Any) -> None:
@@ -61,12 +62,16 @@ def register_loss(
     *,
     inputs: str = "logits",
     check: Callable[..., None] | None = None,
+    extras: tuple[str, ...] = (),
 ) -> Callable[[F], F]:
     """Register a functional loss under ``name``, deriving defaults from its keyword-only args.
 
     The function itself is returned unchanged (it stays the pure functional form); the module
     class wrapping it is in the registry and on ``fn.module``. ``check(**hp)`` (optional)
-    validates hyperparameter values when the module is built.
+    validates hyperparameter values when the module is built. ``extras`` name keyword-only
+    arguments that are per-batch inputs, not hyperparameters (e.g. ``groups``, ``rewards``):
+    they get no default and are listed on the class as ``extras``, so an ``Objective`` passes
+    them only to the terms that take them.
     """
 
     def deco(fn: F) -> F:
@@ -74,7 +79,8 @@ def register_loss(
         defaults = {
             p.name: (None if p.default is inspect.Parameter.empty else p.default)
             for p in sig.parameters.values()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in {"labels", "mask"}
+            if p.kind is inspect.Parameter.KEYWORD_ONLY
+            and p.name not in {"labels", "mask", *extras}
         }
         doc = (fn.__doc__ or "").strip()
         cls = type(
@@ -85,6 +91,7 @@ def register_loss(
                 "inputs": inputs,
                 "defaults": defaults,
                 "name": name,
+                "extras": tuple(extras),
                 "__doc__": doc,
                 "__module__": fn.__module__,
                 **({"check": staticmethod(check)} if check is not None else {}),

@@ -61,15 +61,7 @@ def sequence_loss(
     bad = set(extras) - set(EXTRAS)
     if bad:
         raise TypeError(f"unknown extras {sorted(bad)}; valid: {EXTRAS}")
-
-    def deco(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        out = register_loss(name, inputs="sequences", check=check)(fn)
-        cls = fn.module  # type: ignore[attr-defined]
-        cls.defaults = {k: v for k, v in cls.defaults.items() if k not in EXTRAS}
-        cls.extras = tuple(extras)
-        return out
-
-    return deco
+    return register_loss(name, inputs="sequences", check=check, extras=extras)
 
 
 # ----------------------------------------------------------------------------- validation

@@ -44,15 +44,7 @@ def xtok_loss(
     bad = set(extras) - set(XTOK_INPUTS)
     if bad:
         raise TypeError(f"unknown extras {sorted(bad)}; valid: {XTOK_INPUTS}")
-
-    def deco(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        out = register_loss(name, inputs="xtok", check=check)(fn)
-        cls = fn.module  # type: ignore[attr-defined]
-        cls.defaults = {k: v for k, v in cls.defaults.items() if k not in XTOK_INPUTS}
-        cls.extras = tuple(extras)
-        return out
-
-    return deco
+    return register_loss(name, inputs="xtok", check=check, extras=extras)
 
 
 # ----------------------------------------------------------------------------- validation
