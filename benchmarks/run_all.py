@@ -35,6 +35,8 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "teacher_hacking": ("benchmarks.teacher_hacking", ["--quick"]),
     "generation_arms": ("benchmarks.generation_arms", ["--quick"]),
     "served_teacher": ("benchmarks.served_teacher", ["--quick"]),
+    "xtok": ("benchmarks.xtok", ["--quick"]),
+    "active_labels": ("benchmarks.active_labels", ["--quick"]),
 }
 EXPECTED_MIN = {
     "engine_overhead": 2,
@@ -47,6 +49,8 @@ EXPECTED_MIN = {
     "teacher_hacking": 20,
     "generation_arms": 30,
     "served_teacher": 5,
+    "xtok": 12,
+    "active_labels": 40,
 }
 
 INTRO = """# Benchmarks

@@ -17,9 +17,11 @@ LAYERS = {
     "mentor.serve": 6,  # `mentor serve-teacher`: loads a teacher through the assembly
     "mentor.report": 6,
     "mentor.assembly": 5,
+    "mentor.labeling": 5,  # `mentor generate --task label|rationale`: uses the assembly
     "mentor.engine": 4,
     "mentor.config": 3,  # validates names against the registries below
     "mentor.teachers": 2,
+    "mentor.selection": 2,  # teacher budgets: wraps a teacher source
     "mentor.cache": 2,
     "mentor.losses": 2,
     "mentor.tasks": 2,
@@ -35,6 +37,7 @@ LAYERS = {
     "mentor.registry": 0,
     "mentor._console": 0,
     "mentor._version": 0,
+    "mentor._jsonl": 0,
 }
 
 

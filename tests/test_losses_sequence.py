@@ -27,7 +27,7 @@ from mentor.signals import HeadLogits, Sampled, TopK
 pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
 
 D = torch.float64
-SEQUENCE = ["kepo", "mgsr_span", "paced", "tsd_kd"]
+SEQUENCE = ["kepo", "mgsr_span", "paced", "step_by_step", "tsd_kd"]
 
 
 @pytest.fixture(autouse=True)
@@ -225,7 +225,23 @@ def ref_mgsr_span(s, t, labels=None, mask=None, spans=None, temperature=1.0, spa
     return tot / n if n else tot
 
 
-REFS = {"kepo": ref_kepo, "paced": ref_paced, "tsd_kd": ref_tsd_kd, "mgsr_span": ref_mgsr_span}
+def ref_step_by_step(s, t, *, labels, mask=None, tasks, rationale_weight=1.0):
+    """Per task: the mean of -log p(label) over its rows' counted tokens, one by one."""
+    total = s.sum() * 0
+    for k, w in ((0, 1.0), (1, rationale_weight)):
+        terms = [
+            -torch.log_softmax(s[b, i], -1)[labels[b, i]]
+            for b in range(s.shape[0]) if int(tasks[b]) == k
+            for i in range(s.shape[1])
+            if labels[b, i] != -100 and (mask is None or bool(mask[b, i]))
+        ]  # fmt: skip
+        if terms:
+            total = total + w * torch.stack(terms).mean()
+    return total
+
+
+REFS = {"kepo": ref_kepo, "paced": ref_paced, "tsd_kd": ref_tsd_kd, "mgsr_span": ref_mgsr_span,
+        "step_by_step": ref_step_by_step}  # fmt: skip
 
 # (hyperparameters, which extras to pass)
 CASES = {
@@ -252,6 +268,11 @@ CASES = {
         ({"top_k": 50, "prefix_mass": 0.9, "entropy_weight": 0.0}, []),
         ({"candidates": "responses", "rank_weight": 0.5}, ["groups"]),
         ({"candidates": "responses", "rank_weight": 0.5}, []),
+    ],
+    "step_by_step": [
+        ({}, ["tasks"]),
+        ({"rationale_weight": 0.3}, ["tasks"]),
+        ({"rationale_weight": 0.0}, ["tasks"]),
     ],
     "mgsr_span": [
         ({}, []),
@@ -282,6 +303,7 @@ def _inputs(dtype=D, seed=0):
         "groups": torch.tensor([7, 7, 7, 3, 3, 9]),
         "rewards": torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0]),
         "spans": torch.tensor([[0, 0, 0, 1, 1]] * 3 + [[-1, 2, 2, 2, 3]] * 3),
+        "tasks": torch.tensor([0, 1, 1, 0, 1, 0]),
     }
     return s.to(dtype), t.to(dtype), {"labels": labels, "mask": mask}, extras
 
@@ -445,13 +467,15 @@ def test_half_inputs_give_float32_finite_results(name, dtype):
 @pytest.mark.parametrize("name", SEQUENCE)
 def test_hyperparameters_registry_and_docstring(name):
     cls = L.LOSSES.get(name)
-    assert cls.inputs == "sequences" and set(cls.extras) <= {"groups", "rewards", "spans"}
-    assert not set(cls.defaults) & {"groups", "rewards", "spans", "labels", "mask"}
+    assert cls.inputs == "sequences"
+    assert set(cls.extras) <= {"groups", "rewards", "spans", "tasks"}
+    assert not set(cls.defaults) & {"groups", "rewards", "spans", "tasks", "labels", "mask"}
     with pytest.raises(ValueError, match="no hyperparameter 'bogus'"):
         L.get_loss(name, bogus=1)
-    with pytest.raises(ValueError, match="Did you mean 'temperature'"):
-        L.get_loss(name, temprature=1.0)
-    for key, bad in [("temperature", -1.0), ("tail", "nope"), ("chunk_size", 0),
+    near = "temperature" if "temperature" in cls.defaults else next(iter(cls.defaults))
+    with pytest.raises(ValueError, match=f"Did you mean '{near}'"):
+        L.get_loss(name, **{near[:-1] + "x": 1.0})
+    for key, bad in [("rationale_weight", -1.0), ("temperature", -1.0), ("tail", "nope"), ("chunk_size", 0),
                      ("threshold", 1.5), ("alpha", -1.0), ("beta", -1.0), ("top_k", 0),
                      ("candidates", "sequences"), ("span_length", 0), ("base", "kd"),
                      ("pass_threshold", -0.1), ("rank_weight", -1.0), ("soft_pass", 1),

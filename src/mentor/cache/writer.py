@@ -443,8 +443,15 @@ def write_cache(
         raise ValueError("write_cache needs at least one non-empty split")
     if provenance is None and not isinstance(teacher, nn.Module):
         raise ValueError("write_cache with a teacher function needs provenance= (see describe)")
-    prov = dict(provenance) if provenance is not None else describe(teacher, splits, precision)
     first = splits[next(iter(splits))][0]
+    if task == "causal_lm_xtok" or "teacher_input_ids" in first:
+        raise ValueError(
+            "cross-tokenizer data (data.source=xtok_text) cannot be cached: the cross-tokenizer "
+            "losses need the teacher's full distributions over its own vocabulary "
+            "at every position, which a top-k cache does not hold; train with the teacher "
+            "online (teacher.source=online, the default)"
+        )
+    prov = dict(provenance) if provenance is not None else describe(teacher, splits, precision)
     if task is None:
         task = "causal_lm" if "input_ids" in first and "labels" not in first else "classification"
     per_token = task == "causal_lm"

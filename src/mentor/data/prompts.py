@@ -207,6 +207,31 @@ def _jsonl_pairs(
     return prompts, completions, locs, extra
 
 
+def _step_by_step_pairs(
+    path: Path,
+) -> tuple[list[str], list[str], list[str], dict[str, list[Any]]]:
+    """Two (prompt, completion) pairs per rationale line: the label task and the rationale
+    task, with their ``task`` ids (0, 1)."""
+    rows, lines = _read_records(path)
+    if not rows:
+        raise ValueError(f"{path} is empty: it has no JSON lines (data.params.path)")
+    prompts, completions, locs, task = [], [], [], []
+    for r, line in zip(rows, lines):
+        loc = f"{path}:{line.removeprefix('line ')}"
+        for key in ("text", "label", "rationale"):
+            if not isinstance(r.get(key), str) or not r[key].strip():
+                raise ValueError(
+                    f'{loc}: no "{key}" text; data.params.step_by_step reads lines of mentor '
+                    "generate --task rationale (text, label, rationale)"
+                )
+        for k, (tag, target) in enumerate((("label", r["label"]), ("rationale", r["rationale"]))):
+            prompts.append(f"[{tag}] {r['text']}\n")
+            completions.append(" " + target.strip())
+            locs.append(loc)
+            task.append(k)
+    return prompts, completions, locs, {"task": task}
+
+
 def _text_documents(path: Path) -> tuple[list[str], list[str]]:
     """UTF-8 documents and their file names: one file, or every .txt file under a folder."""
     if path.is_dir():
@@ -310,6 +335,7 @@ def prompts(
     chat_template: bool = False,
     limit: int | None = None,
     fields: list[str] | str | None = None,
+    step_by_step: bool = False,
     val_fraction: float = 0.2,
     seed: int = 0,
 ) -> DataBundle:
@@ -343,6 +369,11 @@ def prompts(
     under their own name (a list of values per batch), e.g. ``fields: [domain]`` for
     ``teacher.source: routed`` with ``field: domain``. Each line needs them (null allowed);
     values are JSON scalars. Other fields of the lines are ignored.
+
+    ``step_by_step: true`` (JSONL only): the lines are ``mentor generate --task rationale``
+    output (``text``, ``label``, ``rationale``); each becomes two pairs, ``[label] TEXT`` ->
+    `` LABEL`` and ``[rationale] TEXT`` -> `` RATIONALE``, with a ``task`` field (0, 1) for the
+    ``step_by_step`` loss (Hsieh et al., "Distilling Step-by-Step!", 2023).
     """
     if (path is None) == (corpus is None):
         raise ValueError("prompts needs exactly one of data.params.path or data.params.corpus")
@@ -354,6 +385,13 @@ def prompts(
     check_positive("limit", limit)
     fields = _field_names(fields)
     is_jsonl = path is not None and Path(path).expanduser().suffix.lower() == ".jsonl"
+    if not isinstance(step_by_step, bool):
+        raise ValueError(f"data.params.step_by_step={step_by_step!r}: use true or false")
+    if step_by_step and (not is_jsonl or fields):
+        raise ValueError(
+            "data.params.step_by_step reads a .jsonl file written by mentor generate --task "
+            "rationale (data.params.path), without data.params.fields"
+        )
     if fields and not is_jsonl:
         raise ValueError(
             "data.params.fields passes through fields of JSONL lines; it needs "
@@ -368,7 +406,10 @@ def prompts(
         p = Path(str(path)).expanduser()
         if not p.is_file():
             raise FileNotFoundError(f"data file {p} does not exist; set data.params.path")
-        texts, comps, locs, extra = _jsonl_pairs(p, fields)
+        if step_by_step:
+            texts, comps, locs, extra = _step_by_step_pairs(p)
+        else:
+            texts, comps, locs, extra = _jsonl_pairs(p, fields)
         if chat_template:
             prompt_ids = _chat(tok, tokenizer, texts)
         else:

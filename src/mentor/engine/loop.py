@@ -34,7 +34,7 @@ from mentor.engine import checkpoint as ckpt
 from mentor.engine import rundir
 from mentor.generation import SamplingConfig, generate
 from mentor.losses import Objective
-from mentor.losses.objective import FusedHead
+from mentor.losses.objective import LABEL_ONLY, FusedHead
 from mentor.losses.schedules import apply_schedules, check_schedules, lr_lambda
 from mentor.models import LOGITS_FROM, model_outputs, position_ids
 from mentor.models.taps import FeatureTaps
@@ -101,6 +101,8 @@ class DistillModule(nn.Module):
             teacher_features=t_feats,
             groups=batch.get("groups"),
             rewards=batch.get("rewards"),
+            tasks=batch.get("task"),  # step-by-step data: 0 = label row, 1 = rationale row
+            xtok=self.task.xtok_inputs(batch, t_logits),
         )
 
 
@@ -299,11 +301,19 @@ class Distiller:
         write_run: bool = True,
         output_dir: str | Path | None = None,
         eval_every: int | None = None,
+        selection: Any = None,
         **train: Any,
     ) -> None:
-        """Check the set-up (taps, schedules, data size) before anything runs."""
+        """Check the set-up (taps, schedules, data size) before anything runs.
+
+        ``selection``: a :class:`mentor.selection.Selection` (teacher budget and data
+        selection); the teacher is then its budget-counting wrapper of ``teacher``.
+        """
         if isinstance(teacher, nn.Module):
             teacher = OnlineTeacher(teacher)
+        self.selection = selection
+        if selection is not None:
+            teacher = selection.teacher
         if not isinstance(objective, Objective):
             objective = Objective({objective: {}} if isinstance(objective, str) else objective)
         config = _with_settings(config, objective, train, output_dir, eval_every)
@@ -319,13 +329,14 @@ class Distiller:
         self.reward_fn = reward_fn  # generation: a batch -> float [B] verifier score
         self.write_run = write_run
         self.out = Path(config.output.dir)
-        teacher_terms = [n for n, t in objective.terms.items() if t.name != "ce"]
+        teacher_terms = [n for n, t in objective.terms.items() if t.name not in LABEL_ONLY]
         if teacher is None and teacher_terms:
             raise ValueError(
                 f"the objective has teacher terms ({', '.join(teacher_terms)}) but no teacher "
                 "was given: pass a teacher, or use only a 'ce' term"
             )
         check_schedules(config.train.schedules, objective)
+        _check_cross_tokenizer(config, objective, self.task, teacher)
         self.model = DistillModule(student, objective, self.task, config.train.fused_loss_chunk)
         if config.generation.mode != "off":
             _check_generation(config, self.task, train_data)
@@ -363,14 +374,17 @@ class Distiller:
         self._cut_logits = self.task.name == "causal_lm" and not objective.taps
         self.history: list[dict[str, Any]] = []
         self.replay: ReplayBuffer | None = None  # generation.mode=replay: set up by fit()
+        self._step = 0  # the optimizer step reached (for selection records)
 
     # ------------------------------------------------------------------ set-up helpers
     def _steps_per_epoch(self, world: int) -> int:
-        n = len(self.train_data) // (self.cfg.train.batch_size * world)
+        size = len(self.train_data) if self.selection is None else self.selection.size(0)
+        n = size // (self.cfg.train.batch_size * world)
         if n == 0:
+            what = "training set" if self.selection is None else "first selection round"
             raise ValueError(
                 f"train.batch_size={self.cfg.train.batch_size} x {world} process(es) is larger "
-                f"than the training set ({len(self.train_data)} examples): lower train.batch_size"
+                f"than the {what} ({size} examples): lower train.batch_size"
             )
         return max(1, n // self.cfg.train.grad_accum)
 
@@ -379,17 +393,23 @@ class Distiller:
         t = self.cfg.train
         if t.max_steps is not None:
             return t.max_steps
+        if self.selection is not None:  # the paid set grows between selection rounds
+            self._steps_per_epoch(world)  # a clear error if the first round is too small
+            return self.selection.steps(t.epochs or 1.0, t.batch_size * world, t.grad_accum)
         return max(1, math.ceil((t.epochs or 1.0) * self._steps_per_epoch(world)))
 
     def _batches(self, epoch: int, start: int, rank: int, world: int) -> Iterator[dict[str, Any]]:
         """Micro-batches of this rank from position ``start`` of ``epoch`` (deterministic)."""
         b = self.cfg.train.batch_size
+        data = self.train_data
+        if self.selection is not None:  # the examples paid for by this epoch, teacher-labelled
+            data = self.selection.dataset(epoch, self.model.student, self._step)
         g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + epoch)
-        perm = torch.randperm(len(self.train_data), generator=g)
-        n_batches = len(self.train_data) // (b * world)
+        perm = torch.randperm(len(data), generator=g)
+        n_batches = len(data) // (b * world)
         for k in range(start, n_batches):
             lo = k * b * world + rank * b
-            yield self.collate([self.train_data[int(i)] for i in perm[lo : lo + b]])
+            yield self.collate([data[int(i)] for i in perm[lo : lo + b]])
 
     def _generate(
         self, window: list[dict[str, Any]], step: int, rank: int, device: torch.device
@@ -491,6 +511,7 @@ class Distiller:
     def _teacher_output(self, batch: dict[str, Any]) -> TeacherOutput:
         if self.teacher is None:
             return TeacherOutput()
+        batch = self.task.teacher_view(batch)  # cross-tokenizer data: the teacher's tokens
         if self._teacher_head:
             return self.teacher.head_output(batch)  # type: ignore[attr-defined]
         return self.teacher(batch)
@@ -603,6 +624,16 @@ class Distiller:
         t = self.cfg.train
         rank, world, main = acc.process_index, acc.num_processes, acc.is_main_process
         set_seed(t.seed + rank)
+        if self.selection is not None:
+            if world > 1:
+                raise ValueError(
+                    "selection (teacher budgets) runs in one process for now: launch without "
+                    "accelerate's --num_processes, or drop the selection section"
+                )
+            if self.write_run:
+                from mentor.selection import LABELS_FILE
+
+                self.selection.teacher.open_log(self.out / LABELS_FILE, resume)
         total = self.total_steps(world)
         steps_per_epoch = self._steps_per_epoch(world)
 
@@ -647,6 +678,7 @@ class Distiller:
                               f"{' ...' if len(gone) > 5 else ''}: the file was truncated or "
                               "edited; those records cannot be recovered")  # fmt: skip
         apply_schedules(t.schedules, objective, state["step"])
+        self._step = state["step"]
         ck_minutes = t.checkpoint_minutes
         last_ck, ck_cost = time.perf_counter(), 0.0
         ck_total = 0.0
@@ -708,6 +740,7 @@ class Distiller:
                 optimizer.zero_grad(set_to_none=True)
                 state["step"] += 1
                 step = state["step"]
+                self._step = step
 
                 # 4. per-step hooks: EMA teacher, TAID schedule, weight/temperature schedules
                 values = {k: float(acc.reduce(v, "sum")) / n_global for k, v in step_terms.items()}
@@ -733,6 +766,9 @@ class Distiller:
                     )
                     self._log(acc, {"kind": "train", **rec})
                     log_acc, log_n = {}, 0
+                if self.selection is not None:
+                    for rec in self.selection.drain():
+                        self._log(acc, rec)
                 stop = False
                 every = self.cfg.eval.every
                 if self.val_data is not None and every and (step % every == 0 or step == total):
@@ -773,6 +809,14 @@ class Distiller:
                       rank_tensors=self._rank_tensors())  # fmt: skip
         if main and self.write_run:
             self.save_student(self.model.student, self.out / "student")
+            if self.selection is not None:
+                from mentor.selection import SUMMARY_FILE
+
+                summary = self.selection.summary(self.model.student)
+                lines = (self.out / "metrics.jsonl").read_text().splitlines()
+                rounds = [r for r in map(json.loads, lines) if r.get("kind") == "selection"]
+                summary["rounds"] = [{k: v for k, v in r.items() if k != "kind"} for r in rounds]
+                (self.out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         acc.wait_for_everyone()
         if self.cfg.output.trackers:
             acc.end_training()
@@ -831,7 +875,7 @@ class Distiller:
         for lo in range(0, len(data), self.cfg.eval.batch_size):
             hi = min(len(data), lo + self.cfg.eval.batch_size)
             batch = _to_device(self.collate([data[i] for i in range(lo, hi)]), dev)
-            t_out = self.teacher(batch) if self.teacher else TeacherOutput()
+            t_out = self.teacher(self.task.teacher_view(batch)) if self.teacher else TeacherOutput()
             outputs = model.student_outputs(batch)
             terms = model.terms(batch, t_out, outputs)
             n = self.task.count_positions(batch)
@@ -846,7 +890,7 @@ class Distiller:
         student.train(was_training)
         out = {k: v / max(n_total, 1) for k, v in sums.items()}
         res = acc.result().get("student", {})
-        for key in ("accuracy", "perplexity", "agreement", "cosine_to_teacher"):
+        for key in ("accuracy", "perplexity", "bits_per_byte", "agreement", "cosine_to_teacher"):
             if key in res:
                 out[key] = res[key]
         return out
@@ -932,9 +976,54 @@ def _eos_and_pad(model: nn.Module) -> tuple[Any, int]:
 
 
 def _guess_task(data: Dataset) -> str:
-    """``causal_lm`` for token data without labels, else ``classification``."""
+    """``causal_lm_xtok`` for data tokenised per side, ``causal_lm`` for token data without
+    labels, else ``classification``."""
     first = data[0]
+    if "teacher_input_ids" in first:
+        return "causal_lm_xtok"
     return "causal_lm" if "input_ids" in first and "labels" not in first else "classification"
+
+
+def _check_cross_tokenizer(
+    cfg: RunConfig, objective: Objective, task: Task, teacher: TeacherSource | None
+) -> None:
+    """Cross-tokenizer terms need data tokenised per side and a teacher run on its own tokens;
+    data tokenised per side need cross-tokenizer teacher terms. Each error names the setting."""
+    xtok = [n for n, t in objective.terms.items() if t.inputs == "xtok"]
+    if xtok and not task.cross_tokenizer:
+        raise ValueError(
+            f"objective.{xtok[0]} is a cross-tokenizer loss: it needs the same text tokenised by "
+            f"the teacher and by the student (data.source=xtok_text, task causal_lm_xtok); the "
+            f"data here are {task.name} data"
+        )
+    if not task.cross_tokenizer:
+        return
+    same = [n for n, t in objective.terms.items() if t.inputs != "xtok" and t.name != "ce"]
+    if same:
+        raise ValueError(
+            f"objective.{same[0]} ({objective.terms[same[0]].name}) compares teacher and student "
+            "token by token over one vocabulary, but the data are tokenised per side "
+            "(data.source=xtok_text): use a cross-tokenizer loss (uld, gold_hybrid) with ce"
+        )
+    if xtok and cfg.train.fused_loss_chunk is not None:
+        raise ValueError(
+            "train.fused_loss_chunk does not work with cross-tokenizer terms (they need the "
+            "student's full logits): set train.fused_loss_chunk=null"
+        )
+    if xtok and teacher is not None and not isinstance(teacher, OnlineTeacher):
+        name = getattr(teacher, "name", "") or type(teacher).__name__
+        raise ValueError(
+            f"teacher.source={name} does not work with cross-tokenizer terms "
+            f"({', '.join(xtok)}): they need the teacher's full logits over its own tokens of "
+            "each batch, which only a teacher module run on the batch gives; use "
+            "teacher.source=online (the default) with teacher.builder or teacher.path"
+        )
+    top_k = getattr(teacher, "top_k", None)
+    if xtok and top_k is not None:
+        raise ValueError(
+            f"teacher.top_k={top_k} does not work with cross-tokenizer terms (they compare full "
+            "distributions): set teacher.top_k=null"
+        )
 
 
 def _with_settings(

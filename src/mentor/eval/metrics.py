@@ -56,6 +56,16 @@ def mean_kl(teacher_logits: Tensor, student_logits: Tensor) -> float:
     return (lt.exp() * (lt - ls)).sum(-1).mean().item()
 
 
+def bits_per_byte(nll_nats: float, n_bytes: int) -> float:
+    """Bits per UTF-8 byte of text: total NLL in nats / ln 2 / bytes (NaN without bytes).
+
+    Independent of the tokenizer, so models with different vocabularies compare on the same
+    text (the measure of Gao et al., "The Pile: An 800GB Dataset of Diverse Text for Language
+    Modeling", 2020). ``nll_nats`` must cover every token of the text.
+    """
+    return nll_nats / math.log(2) / n_bytes if n_bytes > 0 else float("nan")
+
+
 def perplexity(logits: Tensor, labels: Tensor) -> float:
     """exp of the mean token cross-entropy (labels of -100 are ignored)."""
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))

@@ -17,7 +17,7 @@ from mentor.eval.cost import machine, measure_cost
 from mentor.eval.generation_metrics import generation_diagnostics, ids_as_text
 from mentor.generation import SamplingConfig
 from mentor.progress import Progress
-from mentor.tasks import heldout
+from mentor.tasks import get_task, heldout
 
 
 def evaluate_models(
@@ -44,12 +44,13 @@ def evaluate_models(
     """
     collate = collate or getattr(bundle, "collate", None) or default_collate
     task = bundle.info.task
+    task_obj = get_task(task)
     res = heldout(
         task,
         models,
         bundle.val,
         collate=collate,
-        batch_size=8 if task == "causal_lm" else 256,
+        batch_size=8 if task_obj.per_token else 256,
         num_classes=bundle.info.num_classes,
         train=bundle.train if task == "embedding" else None,
         label="held-out evaluation",
@@ -58,7 +59,9 @@ def evaluate_models(
     if measure:
         bar = Progress(len(models), enabled=progress, label="latency/throughput", unit="models")
         for i, (name, m) in enumerate(models.items()):
-            res[name]["cost"] = measure_cost(m, bundle.val, collate=collate)
+            # cross-tokenizer data: the teacher runs on its own tokens of the text
+            side = lambda items, name=name: task_obj.model_batch(name, collate(items))  # noqa: E731
+            res[name]["cost"] = measure_cost(m, bundle.val, collate=side)
             bar.update(i + 1, {})
         bar.close()
     gen_settings = None
@@ -137,6 +140,7 @@ def headline(result: dict[str, Any], name: str) -> dict[str, Any]:
             "accuracy",
             "macro_f1",
             "perplexity",
+            "bits_per_byte",
             "cosine_to_teacher",
             "linear_probe_accuracy",
             "agreement",

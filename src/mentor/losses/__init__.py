@@ -39,7 +39,7 @@ from mentor.losses.logit import (
 from mentor.losses.objective import Objective, build_projector, describe_losses
 from mentor.losses.ranking import listwise_kl, margin_mse
 from mentor.losses.relational import gram_kl, rkd_angle, rkd_distance, spkd
-from mentor.losses.sequence import kepo, mgsr_span, paced, tsd_kd
+from mentor.losses.sequence import kepo, mgsr_span, paced, step_by_step, tsd_kd
 from mentor.losses.taid_schedule import TAIDScheduler
 from mentor.losses.xtok import align_spans, build_vocab_map, gold_hybrid, uld
 from mentor.signals import Sampled, TopK
@@ -77,6 +77,7 @@ __all__ = [
     "margin_mse",
     "mgsr_span",
     "paced",
+    "step_by_step",
     "pld",
     "register_loss",
     "reverse_kl",

@@ -13,6 +13,8 @@ from mentor.losses._base import LOSSES, get_loss
 from mentor.losses.taid_schedule import TAIDScheduler
 
 # Keys of a ``taid`` term that configure its TAIDScheduler.
+# losses that read labels only: an objective of these needs no teacher
+LABEL_ONLY = ("ce", "step_by_step")
 TAID_KEYS = ("t_start", "t_end", "alpha", "beta", "disable_adaptive")
 
 
@@ -127,7 +129,9 @@ class Objective(nn.Module):
     up from 0). A recipe whose weights are all 0 is refused when the config is loaded.
     Sequence terms (``inputs="sequences"``: kepo, paced, tsd_kd, mgsr_span) also receive the
     ``groups`` / ``rewards`` / ``spans`` given to :meth:`forward` that their loss lists in
-    ``extras``.
+    ``extras``. Cross-tokenizer terms (``inputs="xtok"``: uld, gold_hybrid) receive the
+    per-side inputs of ``xtok``; they combine with ``ce`` only (any other teacher term needs
+    one shared vocabulary), which is refused here.
     """
 
     def __init__(self, spec: Mapping[str, Mapping[str, Any]]) -> None:
@@ -165,14 +169,7 @@ class Objective(nn.Module):
                     self.projectors[term] = build_projector(proj)
             except ValueError as e:
                 raise ValueError(f"objective.{term}: {e}") from None
-            if self.terms[term].inputs == "xtok":
-                raise ValueError(
-                    f"objective.{term}: loss {loss_name!r} is a cross-tokenizer loss; the engine "
-                    f"does not pass its per-side inputs (teacher mask/labels, offsets, vocab map) "
-                    f"yet, so it cannot be an objective term: call mentor.losses.{loss_name}(...) "
-                    f"directly"
-                )
-            if self.terms[term].inputs not in ("logits", "sequences"):
+            if self.terms[term].inputs not in ("logits", "sequences", "xtok"):
                 if not (s_tap and t_tap):
                     raise ValueError(
                         f"objective.{term}: loss {loss_name!r} compares features; name the taps "
@@ -181,6 +178,26 @@ class Objective(nn.Module):
                 self.taps[term] = (s_tap, t_tap)
             elif proj is not None:
                 raise ValueError(f"objective.{term}: a projector applies to feature terms only")
+        self._check_cross_tokenizer()
+
+    @property
+    def cross_tokenizer(self) -> bool:
+        """Whether the objective has cross-tokenizer terms (``uld``, ``gold_hybrid``)."""
+        return any(t.inputs == "xtok" for t in self.terms.values())
+
+    def _check_cross_tokenizer(self) -> None:
+        """Cross-tokenizer terms combine with ``ce`` only: any other teacher term compares the
+        two models position by position over one vocabulary, which they do not share."""
+        xtok = [n for n, t in self.terms.items() if t.inputs == "xtok"]
+        other = [n for n, t in self.terms.items() if t.inputs != "xtok" and t.name != "ce"]
+        if xtok and other:
+            names = ", ".join(f"{n} ({self.terms[n].name})" for n in other)
+            raise ValueError(
+                f"objective: {names} cannot be combined with the cross-tokenizer term(s) "
+                f"{', '.join(xtok)}: with two tokenizers the teacher's and the student's logits "
+                "have different lengths and vocabularies, so only cross-tokenizer losses (uld, "
+                "gold_hybrid) and the student's own ce apply"
+            )
 
     def forward(
         self,
@@ -194,6 +211,8 @@ class Objective(nn.Module):
         groups: Tensor | None = None,
         rewards: Tensor | None = None,
         spans: Tensor | None = None,
+        tasks: Tensor | None = None,
+        xtok: Mapping[str, Any] | None = None,
     ) -> dict[str, Tensor]:
         """Compute every term and their weighted sum under ``"loss"``.
 
@@ -201,9 +220,12 @@ class Objective(nn.Module):
         (float ``[B]`` in [0, 1], a per-sequence verifier score) and ``spans`` (LongTensor
         ``[B, T]`` span ids, < 0 = no span) are optional; they reach only the terms whose loss
         lists them in its ``extras`` (the ``inputs="sequences"`` losses of
-        :mod:`mentor.losses.sequence`), so every other loss is unaffected.
+        :mod:`mentor.losses.sequence`), so every other loss is unaffected. ``xtok`` holds the
+        per-side inputs of cross-tokenizer terms (``teacher_labels``, ``teacher_mask``,
+        ``student_offsets``, ``teacher_offsets``, ``vocab_map``; the task
+        ``causal_lm_xtok`` builds them); each such term gets the ones its loss lists.
         """
-        seq_extra = {"groups": groups, "rewards": rewards, "spans": spans}
+        seq_extra = {"groups": groups, "rewards": rewards, "spans": spans, "tasks": tasks}
         out: dict[str, Tensor] = {}
         total: Tensor | None = None
         for term, loss in self.terms.items():
@@ -220,10 +242,21 @@ class Objective(nn.Module):
                 if loss.inputs == "sequences":  # handles (or refuses) a FusedHead itself
                     extra = {k: seq_extra[k] for k in getattr(loss, "extras", ())}
                     value = loss(student_logits, teacher, labels=labels, mask=mask, **extra)
+                elif loss.inputs == "xtok":
+                    if xtok is None or isinstance(student_logits, FusedHead):
+                        raise ValueError(
+                            f"objective.{term}: the cross-tokenizer loss {loss.name!r} needs "
+                            "both models' logits and per-side inputs (teacher labels/mask, "
+                            "character offsets, vocab map): train on data.source=xtok_text "
+                            "(task causal_lm_xtok), without train.fused_loss_chunk"
+                        )
+                    extra = {k: xtok.get(k) for k in getattr(loss, "extras", ())}
+                    value = loss(student_logits, teacher, labels=labels, mask=mask, **extra)
                 elif isinstance(student_logits, FusedHead):
                     value = student_logits.loss(loss, teacher, labels=labels, mask=mask, **extra)
-                else:
-                    value = loss(student_logits, teacher, labels=labels, mask=mask, **extra)
+                else:  # with cross-tokenizer inputs only ce is here, and it reads no teacher
+                    t = None if xtok is not None or self.cross_tokenizer else teacher
+                    value = loss(student_logits, t, labels=labels, mask=mask, **extra)
             out[term] = value
             if term in self.schedulers:
                 self.last_values[term] = value.detach()

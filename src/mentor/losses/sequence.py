@@ -44,7 +44,7 @@ from mentor.losses.logit import ALL_TEACHERS, ROWWISE, _closed
 from mentor.losses.objective import FusedHead
 from mentor.signals import HeadLogits, Sampled, TopK
 
-EXTRAS = ("groups", "rewards", "spans")
+EXTRAS = ("groups", "rewards", "spans", "tasks")
 
 # Row-wise divergences a sequence weight can multiply, and the name of each one's mixing
 # coefficient (given as ``base_mix``).
@@ -679,3 +679,59 @@ def mgsr_span(
 
 
 __all__ = ["BASES", "kepo", "mgsr_span", "paced", "sequence_quality", "token_logprobs", "tsd_kd"]
+
+
+# ----------------------------------------------------------------------------- step_by_step
+
+_CHK_SBS = C.checker(rationale_weight=C.non_negative)
+
+
+@sequence_loss("step_by_step", check=_CHK_SBS, extras=("tasks",))
+def step_by_step(
+    student_logits: Any,
+    teacher_logits: Any,
+    *,
+    labels: Tensor | None = None,
+    mask: Tensor | None = None,
+    tasks: Tensor | None = None,
+    rationale_weight: float = 1.0,
+) -> Tensor:
+    """Distilling Step-by-Step's multi-task loss: label prediction + rationale generation.
+
+    Paper: Hsieh et al., "Distilling Step-by-Step! Outperforming Larger Language Models with
+    Less Training Data and Smaller Model Sizes" (Findings of ACL 2023). Each training text
+    appears twice, once as a ``[label]`` task (target: the teacher's label) and once as a
+    ``[rationale]`` task (target: the teacher's explanation); ``tasks[b]`` is 0 or 1.
+    ``L = CE_label + λ·CE_rationale``, each the token-mean cross entropy over the counted
+    completion tokens of its task's rows (a task without rows in the batch contributes 0);
+    ``λ`` = ``rationale_weight`` (paper default 1). The teacher's logits are not used (its
+    labels and rationales are the data: ``mentor generate --task rationale``).
+    """
+    _CHK_SBS(rationale_weight=rationale_weight)
+    _no_fused("step_by_step", student_logits)
+    lead = _lead("step_by_step", student_logits)
+    dev = student_logits.device
+    if labels is None:
+        raise ValueError("loss 'step_by_step' needs labels (the completion tokens)")
+    if tasks is None:
+        raise ValueError(
+            "loss 'step_by_step' needs each row's task (0 = label, 1 = rationale): train on "
+            "data.source=prompts with data.params.step_by_step=true"
+        )
+    tasks = torch.as_tensor(tasks, device=dev).long().reshape(-1)
+    if tasks.numel() != lead[0] or bool(((tasks != 0) & (tasks != 1)).any()):
+        raise ValueError(
+            f"loss 'step_by_step': tasks must be {lead[0]} values of 0 (label) or 1 "
+            f"(rationale); got {tasks.tolist()}"
+        )
+    m = _token_mask(lead, labels, mask, dev) & (labels != -100)
+    x = student_logits.to(torch.promote_types(student_logits.dtype, torch.float32))
+    x = torch.where(m[..., None], x, 0.0)  # uncounted positions: no value, no gradient
+    logp = F.log_softmax(x, dim=-1)
+    tok = -logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    out = logp.new_zeros(())
+    for k, w in ((0, 1.0), (1, float(rationale_weight))):
+        mk = m & (tasks == k)[:, None]
+        if bool(mk.any()):
+            out = out + w * torch.where(mk, tok, 0.0).sum() / mk.sum()
+    return out

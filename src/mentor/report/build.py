@@ -21,6 +21,7 @@ from mentor.report import plots
 QUALITY = {
     "classification": ("accuracy", "higher is better"),
     "causal_lm": ("perplexity", "lower is better"),
+    "causal_lm_xtok": ("bits_per_byte", "lower is better"),
     "embedding": ("cosine_to_teacher", "higher is better"),
 }
 
@@ -133,6 +134,9 @@ def build_report(run_dir: str | Path, *, evaluate_if_missing: bool = True) -> Pa
         md_text, html_text = gen
         sections.append((GENERATION_TITLE, md_text, None))
         raw_html[GENERATION_TITLE] = html_text
+    sel = selection_section(ev, cfg) if ev else None
+    if sel:
+        sections.append(("Teacher budget and selection", sel, None))
     sections.append(("Setup", _setup_text(cfg, ev), None))
 
     title = f"mentor report: {cfg.get('name', run_dir.name)}"
@@ -219,6 +223,43 @@ def generation_section(ev: dict[str, Any]) -> tuple[str, str] | None:
             rows_html.append("<tr>" + "".join(_html_cell(t) for t in texts) + "</tr>")
         parts.append("".join(rows_html) + "</table>")
     return "\n".join(md), "\n".join(parts)
+
+
+def selection_section(ev: dict[str, Any], cfg: dict[str, Any]) -> str | None:
+    """What a teacher-budget run paid for, round by round (None for other runs)."""
+    s = ev.get("selection")
+    if not s:
+        return None
+    names = ev.get("class_names") or []
+
+    def classes(per: dict[str, int]) -> str:
+        return ", ".join(f"{names[int(k)] if int(k) < len(names) else k} {v}"
+                         for k, v in per.items())  # fmt: skip
+
+    rows = [
+        [
+            str(r["epoch"]),
+            str(r["step"]),
+            r["by"],
+            str(r["picked"]),
+            str(r["teacher_calls"]),
+            _fmt(r["val_accuracy_before"]) if r["val_accuracy_before"] is not None else "-",
+            classes(r.get("picked_per_class", {})),
+        ]  # fmt: skip
+        for r in s.get("rounds", [])
+    ]
+    text = (
+        f"The training set was an unlabelled pool of {s['pool']:,} examples; the teacher was "
+        f"paid for {s['teacher_calls']:,} of them (budget {s['budget']:,}): {s['initial']:,} at "
+        f"random, then {s['per_round']:,} every {s['every']} epoch(s) chosen by "
+        f"**{s['method']}** from the current student. The student trained on the teacher's "
+        f"labels of those only. Final held-out accuracy {_fmt(s['final_val_accuracy'])}; "
+        f"teacher calls for held-out evaluation during training: {s['eval_calls']:,}. "
+        f"Every paid label is in `{s['labels_file']}`.\n\n"
+    )
+    header = ["epoch", "step", "chosen by", "picked", "teacher calls", "held-out acc. before",
+              "teacher labels of the picked"]  # fmt: skip
+    return text + _md_table(header, rows)
 
 
 def _first_cost(ev: dict[str, Any]) -> dict[str, Any]:

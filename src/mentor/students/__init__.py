@@ -1,6 +1,6 @@
 """Model builders used by name for students (and teachers) in recipes.
 
-``mlp``, ``cnn``, ``hf_causal_lm``, ``hf_classifier``, ``hf_embedder``, ``hf_config``,
+``mlp``, ``cnn``, ``hf_causal_lm``, ``hf_classifier``, ``hf_embedder``, ``hf_config``, ``llama``,
 ``layer_drop``, ``shrink``, ``tfidf_mlp`` and ``hf:<path>`` (a user's own model).
 """
 

@@ -3,6 +3,7 @@
 - ``hf_causal_lm`` / ``hf_classifier`` / ``hf_embedder``: pretrained models (teachers, or
   students from a user's own model via ``hf:<path>``);
 - ``hf_config``: a random model from a config (tiny models for tests and benchmarks);
+- ``llama``: a small random Llama for the data's own tokenizer (e.g. a student BPE);
 - ``layer_drop``: copy chosen teacher blocks into a shallower model of the same architecture;
 - ``shrink``: the teacher's config with fewer layers or a smaller width, random init;
 - ``tfidf_mlp``: TF-IDF features + a small ReLU network (Luxical).
@@ -151,6 +152,54 @@ def hf_config(
     return _wrap_encoder(
         AutoModel.from_config(cfg), info, task=task, pooling=pooling, num_classes=num_classes
     ).train()
+
+
+@BUILDERS.register("llama")
+def llama(
+    info: DataInfo,
+    teacher: nn.Module | None = None,
+    *,
+    hidden_size: int = 256,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    num_kv_heads: int | None = None,
+    intermediate_size: int | None = None,
+    max_position_embeddings: int = 2048,
+    tie_word_embeddings: bool = True,
+    vocab_size: int | None = None,
+) -> nn.Module:
+    """A small Llama-shaped causal LM (random init) for the data's own tokenizer.
+
+    Sized for the tokenizer that produced the data's ``input_ids`` (``info.vocab_size``, its
+    start/end/padding token ids), e.g. a student with its own BPE vocabulary trained by
+    ``data.source: xtok_text`` for cross-tokenizer distillation; the run saves that tokenizer
+    with the student. Architecture: Touvron et al., "LLaMA: Open and Efficient Foundation
+    Language Models" (2023). ``intermediate_size`` defaults to ~8/3 of ``hidden_size`` (a
+    multiple of 16), ``num_kv_heads`` to ``num_heads``.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    v = vocab_size or info.vocab_size
+    if not v:
+        raise ValueError("builder 'llama' needs data with a known vocab_size (or vocab_size=)")
+    if hidden_size % num_heads:
+        raise ValueError(f"llama: hidden_size={hidden_size} is not a multiple of "
+                         f"num_heads={num_heads}")  # fmt: skip
+    ex = info.extra
+    cfg = LlamaConfig(
+        vocab_size=int(v),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 16 * max(1, round(hidden_size * 8 / 3 / 16)),
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads or num_heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=ex.get("bos_token_id"),
+        eos_token_id=ex.get("eos_token_id"),
+        pad_token_id=ex.get("pad_token_id"),
+    )
+    return LlamaForCausalLM(cfg).train()
 
 
 def _need_teacher(teacher: nn.Module | None, builder: str) -> nn.Module:
@@ -344,6 +393,44 @@ __all__ = [
     "hf_embedder",
     "hf_model",
     "layer_drop",
+    "llama",
     "shrink",
     "tfidf_mlp",
 ]
+
+
+@BUILDERS.register("llm_classifier")
+def llm_classifier_builder(
+    info: DataInfo,
+    teacher: nn.Module | None = None,
+    *,
+    model: str,
+    prompt: str | None = None,
+    answers: Any = None,
+    chat: bool = False,
+    response_prefix: str = "",
+    answer_prefix: str = " ",
+    max_text_tokens: int = 256,
+    batch_size: int = 8,
+) -> nn.Module:
+    """A causal LM as a zero-shot classifier of the data's classes (answer log-likelihoods).
+
+    Parameters (``teacher.params``): ``model``, ``prompt`` (with ``{text}``, optionally
+    ``{classes}``), ``answers`` (class name -> the word the LM answers), ``chat``,
+    ``response_prefix``, ``answer_prefix``, ``max_text_tokens``, ``batch_size``. See
+    :mod:`mentor.models.llm_labeler`.
+    """
+    from mentor.models.llm_labeler import llm_classifier
+
+    if info.task != "classification":
+        raise ValueError(
+            f"teacher.builder llm_classifier labels classification data; this data's task is "
+            f"{info.task!r}"
+        )
+    from mentor.models.llm_labeler import DEFAULT_PROMPT
+
+    return llm_classifier(
+        info.class_names, model=model, answers=answers, prompt=prompt or DEFAULT_PROMPT,
+        chat=chat, response_prefix=response_prefix, answer_prefix=answer_prefix,
+        max_text_tokens=max_text_tokens, batch_size=batch_size,
+    )  # fmt: skip

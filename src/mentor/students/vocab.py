@@ -4,7 +4,8 @@
 - the same map but padded output sizes (e.g. 151,936 vs 152,064 rows): logits of both models
   are trimmed to the common size, with a warning (padding rows are never real tokens);
 - different tokenizers: a clear error; token-level losses compare distributions over the same
-  token ids, so use sequence-level distillation (train on teacher-generated text) instead.
+  token ids, so use cross-tokenizer distillation (``data.source: xtok_text`` with ``uld`` /
+  ``gold_hybrid``) or sequence-level distillation (train on teacher-generated text) instead.
 """
 
 from __future__ import annotations
@@ -64,8 +65,10 @@ def check_vocab(
                 f"teacher and student tokenizers differ ({len(tv):,} vs {len(sv):,} tokens, "
                 f"{diff:,} token->id pairs not shared): token-level distillation compares "
                 "distributions over the same token ids. Use a student with the teacher's "
-                "tokenizer (e.g. student.builder=layer_drop or shrink), or sequence-level "
-                "distillation (train the student on teacher-generated text)."
+                "tokenizer (e.g. student.builder=layer_drop or shrink), cross-tokenizer "
+                "distillation (data.source=xtok_text tokenises the text per side, with uld or "
+                "gold_hybrid terms: see docs/losses.md), or sequence-level distillation (train "
+                "the student on teacher-generated text)."
             )
         if ts != ss:
             warnings.warn(
