@@ -184,6 +184,11 @@ def busy(load: float | None) -> bool:
     return load is not None and load > (os.cpu_count() or 1)
 
 
+def load_record(before: float | None, after: float | None) -> dict[str, Any]:
+    """The load averages around a run, and whether the machine was busy at either end."""
+    return {"before": before, "after": after, "busy": busy(before) or busy(after)}
+
+
 def load_span_note(before: float | None, after: float | None) -> str:
     """A sentence giving the load before/after a run; a warning when either was busy."""
     if before is None or after is None:

@@ -310,11 +310,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "benchmark": NAME,
         "quick": a.quick,
         "machine": C.machine_info(),
-        "load": {
-            "before": load_before,
-            "after": load_after,
-            "busy": C.busy(load_before) or C.busy(load_after),
-        },  # fmt: skip
+        "load": C.load_record(load_before, load_after),
         "config": cfg,
         "parity": {**parity, "tolerance": TOL, "steps": len(curves["in_process"])},
         "steps_per_s": sps,
