@@ -80,6 +80,22 @@ def test_rationale_lines_become_two_tasks(tmp_path):
         _step_by_step_pairs(bad)
 
 
+def test_both_tasks_of_a_text_land_in_the_same_split(tmp_path):
+    from mentor.data.prompts import prompts
+
+    lm = save_tiny_llama(tmp_path / "lm", seed=1)
+    p = _rationales(tmp_path / "r.jsonl", n=20)
+    b = prompts(path=str(p), tokenizer=str(lm), step_by_step=True, val_fraction=0.25, seed=3)
+
+    def lines(d):
+        return [int(i) // 2 for i in d.ids]
+
+    tr, va = lines(b.train), lines(b.val)
+    assert not set(tr) & set(va) and len(tr) + len(va) == 40
+    assert all(tr.count(k) == 2 for k in tr) and all(va.count(k) == 2 for k in va)
+    assert len(set(va)) == 5
+
+
 def test_training_on_rationales_lowers_both_task_losses(tmp_path):
     from mentor.assembly import distill
 

@@ -373,7 +373,8 @@ def prompts(
     ``step_by_step: true`` (JSONL only): the lines are ``mentor generate --task rationale``
     output (``text``, ``label``, ``rationale``); each becomes two pairs, ``[label] TEXT`` ->
     `` LABEL`` and ``[rationale] TEXT`` -> `` RATIONALE``, with a ``task`` field (0, 1) for the
-    ``step_by_step`` loss (Hsieh et al., "Distilling Step-by-Step!", 2023).
+    ``step_by_step`` loss (Hsieh et al., "Distilling Step-by-Step!", 2023); both pairs of a
+    line land in the same split.
     """
     if (path is None) == (corpus is None):
         raise ValueError("prompts needs exactly one of data.params.path or data.params.corpus")
@@ -504,6 +505,11 @@ def prompts(
     ps = [torch.tensor(prompt_ids[i], dtype=torch.long) for i in keep]
     cs = [torch.tensor(comp_ids[i], dtype=torch.long) for i in keep]
     tr, va = split_indices(len(ps), val_fraction, seed)
+    if step_by_step:  # a text's two pairs (label, rationale) go to the same split
+        lines = sorted({keep[i] // 2 for i in range(len(ps))})
+        held = {lines[j] for j in split_indices(len(lines), val_fraction, seed)[1]}
+        va = np.array([i for i in range(len(ps)) if keep[i] // 2 in held], dtype=np.int64)
+        tr = np.array([i for i in range(len(ps)) if keep[i] // 2 not in held], dtype=np.int64)
     if len(tr) == 0:
         raise ValueError(
             f"{where}: {len(ps)} prompt(s) with val_fraction={val_fraction} leave none to "
