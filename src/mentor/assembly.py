@@ -37,6 +37,7 @@ from mentor._console import err as console
 from mentor._version import __version__
 from mentor.config import FitConfig, RunConfig, TeacherConfig, load_config
 from mentor.data import DataBundle, TensorDataset, build_data
+from mentor.data.sources import labeled_mask
 from mentor.engine import Distiller
 from mentor.engine.checkpoint import verify as verify_folder
 from mentor.engine.checkpoint import write_checksums
@@ -193,6 +194,15 @@ def fit_on_labels(
     """
     fit = fit if isinstance(fit, FitConfig) else FitConfig(**(fit or {}))
     data, task = bundle.train, bundle.info.task
+    has = labeled_mask(data) if task == "classification" else None
+    if has is not None and not bool(has.all()):  # data.params.labeled: the labelled part only
+        if not bool(has.any()):
+            raise ValueError(
+                f"the recipe fits its {label} on labels (teacher.fit) but data.params.labeled=0 "
+                "leaves none: give some labels, or a teacher that needs no fitting "
+                "(teacher.path, or drop teacher.fit)"
+            )
+        data = torch.utils.data.Subset(data, torch.nonzero(has).flatten().tolist())
     collate = bundle.collate or default_collate
     trainee: nn.Module = model
     if hasattr(model, "fit_head") and getattr(model, "encoder_frozen", lambda: False)():
@@ -591,7 +601,7 @@ def distill(
     from mentor.selection import build_selection
 
     selection = build_selection(
-        cfg, teacher, bundle.train, asm.collate, bundle.val, bundle.info.task
+        cfg, teacher, bundle.train, asm.collate, bundle.val, bundle.info.task, bundle.info
     )  # teacher budget: only the selected examples are paid for
     distiller = Distiller(
         student,
@@ -606,15 +616,132 @@ def distill(
         reward_fn=_reward_fn(cfg, bundle),
         selection=selection,
     )
+    base = None
+    if cfg.eval.label_only:  # is distilling worth it? the same student on labels alone first
+        base = label_only_student(asm, distiller.total_steps(), resume=resume, quiet=quiet)
+        check = worth_distilling(asm, t_module, base.model, quiet=quiet)
+        base.metrics.update(check)
     run_dir = distiller.fit(resume=resume)
     if int(os.environ.get("RANK", "0")) != 0:  # shared artifacts are written by rank 0
         return RunResult(run_dir, dict(before), student, t_module)
     asm.save_fitted_teachers(run_dir)
     metrics = dict(before)
+    if base is not None:
+        save_model(base.model, run_dir / LABEL_ONLY_DIR, cfg.student.builder, cfg.student.params,
+                   bundle.info)  # fmt: skip
+        metrics.update(base.metrics)
+        metrics["distillation_gain"] = distillation_gain(asm, student, base.model)
     if final:
         metrics.update(asm.final_metrics(student, asm.teacher_for_metrics()))
         write_final_metrics(run_dir, metrics)
+    if base is not None and not quiet:
+        g = metrics["distillation_gain"]
+        console.print(
+            f"distillation gain over the label-only student: {100 * g['gain']:+.2f} points "
+            f"(95% interval {100 * g['ci95'][0]:+.2f} to {100 * g['ci95'][1]:+.2f}, "
+            f"{g['n']:,} held-out examples)"
+        )
     return RunResult(run_dir, metrics, student, t_module)
+
+
+LABEL_ONLY_DIR = "label_only"
+
+
+@dataclasses.dataclass
+class LabelOnly:
+    """The label-only student of ``eval.label_only`` and what was measured about it."""
+
+    model: nn.Module
+    metrics: dict[str, Any]
+
+
+def label_only_student(asm: Assembly, steps: int, *, resume: bool, quiet: bool) -> LabelOnly:
+    """The same student trained on the labelled training examples alone (``ce``, no teacher).
+
+    Same architecture, initial weights (seed), optimizer settings and number of steps as the
+    distilled student. On resume the copy saved in ``RUN/label_only`` is reused.
+    """
+    cfg, bundle = asm.cfg, asm.data
+    if bundle.info.task != "classification":
+        raise ValueError(
+            f"eval.label_only compares with a student trained on labels alone; it supports "
+            f"classification data, and this recipe's data is {bundle.info.task}"
+        )
+    saved = Path(cfg.output.dir) / LABEL_ONLY_DIR
+    if resume and (saved / "mentor_model.json").exists():
+        model, _ = load_model(saved)
+        return LabelOnly(model, {"label_only_steps": steps})
+    has = labeled_mask(bundle.train)
+    if has is not None and not bool(has.any()):
+        raise ValueError(
+            "eval.label_only trains a student on the labels, but data.params.labeled=0 keeps "
+            "none: set eval.label_only=false"
+        )
+    set_seed(cfg.train.seed)
+    t = asm.module() if student_needs_teacher(cfg) else None
+    model = asm.build_student(t)
+    if not quiet:
+        console.print(f"label-only student: {steps} steps on the labels alone (no teacher)")
+    keys = ("lr", "weight_decay", "schedule", "warmup_steps", "grad_clip", "seed", "batch_size",
+            "optimizer", "momentum", "grad_accum")  # fmt: skip
+    train = {k: v for k, v in cfg.train.model_dump().items() if k in keys}
+    n_lab = int(has.sum()) if has is not None else len(bundle.train)
+    train["batch_size"] = min(train["batch_size"], n_lab)
+    Distiller(
+        model, None, "ce", bundle.train, task=asm.task, collate_fn=asm.collate, write_run=False,
+        max_steps=steps, log_every=max(steps, 1), progress=cfg.train.progress and not quiet,
+        **train,
+    ).fit()  # fmt: skip
+    return LabelOnly(model.eval(), {"label_only_steps": steps})
+
+
+def _correct(model: nn.Module, asm: Assembly) -> Tensor:
+    from mentor.eval.metrics import predict
+
+    out, y = predict(model, asm.data.val, asm.cfg.eval.batch_size, asm.collate)
+    return out.argmax(-1) == y
+
+
+def worth_distilling(
+    asm: Assembly, teacher: nn.Module | None, base: nn.Module, *, quiet: bool = False
+) -> dict[str, Any]:
+    """Compare the teacher with the label-only student on held-out data; warn when it is not
+    better (then distilling it is unlikely to help)."""
+    from mentor.eval.metrics import paired_gain
+
+    b = _correct(base, asm)
+    out: dict[str, Any] = {"label_only_accuracy": float(b.float().mean())}
+    if teacher is None:
+        return out
+    t = _correct(teacher, asm)
+    gap = paired_gain(t, b, seed=asm.cfg.train.seed)
+    out["teacher_vs_label_only"] = gap
+    if gap["gain"] > 0 and gap["ci95"][0] <= 0 and not quiet:
+        console.print(
+            f"note: the teacher is {100 * gap['gain']:+.1f} points above the label-only student, "
+            f"but the 95% interval ({100 * gap['ci95'][0]:+.1f} to {100 * gap['ci95'][1]:+.1f}) "
+            "includes 0: distilling may not pay off here"
+        )
+    if gap["gain"] <= 0:
+        worse = "worse than" if gap["gain"] < 0 else "no better than"
+        msg = (
+            f"warning: the teacher ({100 * float(t.float().mean()):.1f}% held-out accuracy) is "
+            f"{worse} the same student trained on labels alone "
+            f"({100 * out['label_only_accuracy']:.1f}%; difference {100 * gap['gain']:+.1f} "
+            f"points, 95% interval {100 * gap['ci95'][0]:+.1f} to {100 * gap['ci95'][1]:+.1f}): "
+            "distilling this teacher is unlikely to help. Fit the teacher better (teacher.fit: "
+            "more epochs, or fine-tune its encoder) or use a stronger teacher."
+        )
+        out["label_only_warning"] = msg
+        console.print(f"[yellow]{msg}[/]")
+    return out
+
+
+def distillation_gain(asm: Assembly, student: nn.Module, base: nn.Module) -> dict[str, Any]:
+    """Held-out accuracy of the distilled student minus the label-only one, with a 95% interval."""
+    from mentor.eval.metrics import paired_gain
+
+    return paired_gain(_correct(student, asm), _correct(base, asm), seed=asm.cfg.train.seed)
 
 
 def write_final_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
@@ -704,8 +831,11 @@ def evaluate_run(
     models: dict[str, nn.Module] = {}
     if loaded.teacher is not None:
         models["teacher"] = loaded.teacher
+    own_base = run_dir / LABEL_ONLY_DIR  # eval.label_only: the run's own label-only student
     if baseline is not None:
         models["student_no_kd"] = load_run(baseline).student
+    elif (own_base / "mentor_model.json").exists():
+        models["student_no_kd"] = load_model(own_base)[0].eval()
     models["student"] = loaded.student
     from mentor.generation import SamplingConfig
 
@@ -721,6 +851,12 @@ def evaluate_run(
     result["seed"] = loaded.cfg.train.seed
     if baseline is not None:
         result["baseline_run"] = str(baseline)
+    elif "student_no_kd" in models:
+        result["baseline_run"] = str(own_base)
+    if "student_no_kd" in models and loaded.bundle.info.task == "classification":
+        result["distillation_gain"] = distillation_gain(
+            loaded.assembly, loaded.student, models["student_no_kd"]
+        )  # held-out accuracy of the distilled student minus the label-only one, 95% interval
     sel = run_dir / "selection.json"
     if sel.exists():  # a teacher-budget run: what was paid for, and the accuracy curve
         result["selection"] = json.loads(sel.read_text())

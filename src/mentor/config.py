@@ -210,6 +210,10 @@ class EvalConfig(_Strict):
     every: int | None = Field(None, ge=1)
     batch_size: int = Field(256, ge=1)
     early_stopping: EarlyStopConfig | None = None
+    # train the same student on the labels alone (no teacher, same steps) before distilling:
+    # warns when the teacher is not better than it, and final_metrics / eval.json / the report
+    # state the gain of distillation over it with a 95% bootstrap interval
+    label_only: bool = False
 
 
 class OutputConfig(_Strict):
@@ -283,11 +287,13 @@ class GenerationConfig(_Strict):
 class SelectionConfig(_Strict):
     """Teacher budgets and data selection (:mod:`mentor.selection`).
 
-    The training set becomes an unlabelled pool: the teacher is paid for ``params.initial``
-    random examples, then every ``every`` epochs for ``params.per_round`` more chosen by
-    ``method`` (a registered selector: random, entropy, margin, least_confidence) from the
-    current student, until ``budget`` teacher calls are spent. The student trains on the paid
-    examples with the teacher's labels only.
+    The training set becomes a pool: the teacher is paid for ``params.initial`` examples (the
+    labelled part of ``data.params.labeled`` first, then random ones), then every ``every``
+    epochs for ``params.per_round`` more chosen by ``method`` from the current student, until
+    ``budget`` teacher calls are spent. The student trains on the paid examples: their own
+    label where ``data.params.labeled`` kept one, else the teacher's (``params.pseudo_labels``).
+    Methods: random, entropy, margin, least_confidence, rad, llkd, kd3, ddk, kd_pruned,
+    label_free (see docs/selection.md).
     """
 
     method: str = "random"
@@ -298,12 +304,12 @@ class SelectionConfig(_Strict):
     @field_validator("method")
     @classmethod
     def _known_method(cls, v: str) -> str:
-        from mentor.selection import SELECTORS
+        from mentor.selection import method_names
 
-        if v not in SELECTORS:
+        if v not in method_names():
             raise ValueError(
-                f"unknown selection method {v!r}; registered: {', '.join(SELECTORS.names())}"
-                + did_you_mean(v, SELECTORS.names())
+                f"unknown selection method {v!r}; registered: {', '.join(method_names())}"
+                + did_you_mean(v, method_names())
             )
         return v
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +141,7 @@ class BudgetTeacher(TeacherSource):
         self.calls = 0  # teacher calls made by this process (prepaid answers are free)
         self.eval_calls = 0
         self.log_path: Path | None = None
+        self.owner: Any = None  # the Selection using this teacher (its state is checkpointed)
 
     def __getattr__(self, name: str) -> Any:  # module, head_output, ... of the inner source
         if name == "inner":
@@ -217,6 +219,8 @@ class BudgetTeacher(TeacherSource):
     def state_dict(self) -> dict[str, Tensor]:
         """The paid ids and outputs (checkpointed with the inner teacher's own state)."""
         state = {f"inner.{k}": v for k, v in self.inner.state_dict().items()}
+        if self.owner is not None:  # the selection loop's own state (training subset, weights)
+            state.update(self.owner.state())
         if self.order:
             state["selection.ids"] = torch.tensor(self.order, dtype=torch.long)
             state["selection.logprobs"] = torch.stack([self.store[i] for i in self.order])
@@ -228,6 +232,8 @@ class BudgetTeacher(TeacherSource):
         if inner:
             self.inner.load_state_dict(inner)
         self.order, self.store = [], {}
+        if self.owner is not None:
+            self.owner.load_state(state)
         if "selection.ids" in state:
             for i, row in zip(state["selection.ids"].tolist(), state["selection.logprobs"]):
                 self.order.append(int(i))
@@ -235,7 +241,7 @@ class BudgetTeacher(TeacherSource):
 
 
 class _Paid(Dataset):
-    """The paid examples of the pool, labelled by the teacher (its most likely class)."""
+    """The examples trained on this round: their own label where kept, else the teacher's."""
 
     def __init__(self, base: Dataset, positions: list[int], labels: list[int]) -> None:
         self.base, self.positions, self.labels = base, positions, labels
@@ -247,6 +253,80 @@ class _Paid(Dataset):
         item = dict(self.base[self.positions[i]])
         item["labels"] = torch.tensor(self.labels[i], dtype=torch.long)
         return item
+
+
+@dataclass(frozen=True)
+class Method:
+    """How a selection method picks what to pay for and what to train on.
+
+    ``acquire``: ``"random"``, ``"scores"`` (the student's :data:`SELECTORS` score, highest
+    first), ``"rad"`` (Robust Active Distillation's sampling) or ``"ddk"`` (domain
+    proportions). ``train_filter``: a rule over the paid examples' teacher and student outputs
+    keeping the ones trained on this round (LLKD, KD³). ``label_free``: no label is ever used.
+    ``kd_weight``: the teacher terms' share of the loss follows the paid fraction
+    (Distilling the Knowledge in Data Pruning).
+    """
+
+    acquire: str = "random"
+    train_filter: str | None = None
+    label_free: bool = False
+    kd_weight: bool = False
+    params: tuple[str, ...] = ()
+    cite: str = ""
+
+
+METHODS: dict[str, Method] = {
+    "random": Method(cite="uniform sampling"),
+    "entropy": Method("scores", cite=SELECTORS.describe("entropy")),
+    "margin": Method("scores", cite=SELECTORS.describe("margin")),
+    "least_confidence": Method("scores", cite=SELECTORS.describe("least_confidence")),
+    "rad": Method(
+        "rad",
+        cite='Baykal et al., "Robust Active Distillation", ICLR 2023: sample informative '
+        "examples the teacher likely labels correctly, importance-weighted",
+    ),
+    "llkd": Method(
+        train_filter="llkd",
+        cite='Li et al., "Learning with Less: Knowledge Distillation from Large Language Models '
+        'via Unlabeled Data", 2025: train on examples the teacher is sure of and the student is not',
+    ),
+    "kd3": Method(
+        train_filter="kd3",
+        cite='Tang et al., "Distribution Shift Matters for Knowledge Distillation with Webly '
+        'Collected Images" (KD³), ICCV 2023: keep examples by the combined teacher-student '
+        "prediction",
+    ),
+    "ddk": Method(
+        "ddk",
+        params=("domain", "smoothing"),
+        cite='Liu et al., "DDK: Distilling Domain Knowledge for Efficient Large Language '
+        'Models", NeurIPS 2024: sample domains by the student-teacher loss gap',
+    ),
+    "kd_pruned": Method(
+        kd_weight=True,
+        cite='Ben-Baruch et al., "Distilling the Knowledge in Data Pruning", 2024: a random '
+        "subset with the KD weight tied to the kept fraction",
+    ),
+    "label_free": Method(
+        label_free=True,
+        cite='Cui et al., "Beyond Self-Supervision: A Simple Yet Effective Network Distillation '
+        'Alternative to Improve Backbones" (SSLD), 2021: teacher signals only, no labels',
+    ),
+}
+COMMON_PARAMS = ("initial", "per_round", "pseudo_labels")
+
+
+def method_names() -> list[str]:
+    """The selection methods (``selection.method``)."""
+    return sorted(METHODS)
+
+
+def _domain_of(item: dict[str, Any], field: str) -> int | None:
+    v = item.get(field)
+    if v is None:
+        return None
+    v = int(torch.as_tensor(v).reshape(-1)[0])
+    return None if v == -100 else v
 
 
 class Selection:
@@ -270,14 +350,37 @@ class Selection:
         seed: int = 0,
         batch_size: int = 64,
         val_data: Dataset | None = None,
+        gold: bool = False,
+        pseudo_labels: bool = True,
+        domain: str | None = None,
+        smoothing: float | None = None,
+        num_classes: int | None = None,
     ) -> None:
-        """Check the settings against the pool; nothing is paid until :meth:`dataset`."""
-        SELECTORS.get(method)  # a clear error for an unknown method
+        """Check the settings against the pool; nothing is paid until :meth:`dataset`.
+
+        ``gold``: the data keeps some of its own labels (``data.params.labeled``): those
+        examples are paid for first and train on their own label. Without it the whole
+        training set is an unlabelled pool. ``pseudo_labels``: unlabelled paid examples train
+        on the teacher's most likely class (else only teacher terms see them).
+        """
+        if method not in METHODS:
+            from mentor.registry import did_you_mean
+
+            raise ValueError(
+                f"unknown selection method {method!r}; registered: {', '.join(method_names())}"
+                + did_you_mean(method, method_names())
+            )
+        self.spec = METHODS[method]
         n = len(train_data)
         if budget < 1:
             raise ValueError(f"selection.budget={budget}: give at least 1 teacher call")
+        if budget > n:
+            raise ValueError(
+                f"selection.budget={budget} is larger than the pool ({n:,} training examples): "
+                f"use at most {n:,}"
+            )
         self.method, self.every, self.seed = method, int(every), int(seed)
-        self.budget = min(int(budget), n)
+        self.budget = int(budget)
         self.initial = min(
             int(initial if initial is not None else max(1, budget // 4)), self.budget
         )
@@ -288,12 +391,36 @@ class Selection:
                 "at least 1"
             )
         self.teacher = BudgetTeacher(teacher, self.budget)
+        self.teacher.owner = self
         self.data, self.collate, self.batch_size = train_data, collate, int(batch_size)
         self.val_data = val_data
-        self.ids = [int(train_data[i]["index"]) for i in range(n)]
+        self.gold = bool(gold) and not self.spec.label_free
+        self.pseudo_labels = bool(pseudo_labels) and not self.spec.label_free
+        self.num_classes = num_classes
+        items = [train_data[i] for i in range(n)]
+        self.ids = [int(it["index"]) for it in items]
+        self.labels = [int(torch.as_tensor(it["labels"])) for it in items]
         self.position = {e: p for p, e in enumerate(self.ids)}
+        self.domain, self.smoothing = domain, smoothing
+        self.domains: list[int | None] | None = None
+        self.domain_weights: Tensor | None = None
+        if self.spec.acquire == "ddk":
+            if not domain:
+                raise ValueError(
+                    "selection.method=ddk needs selection.params.domain: the field of the "
+                    "examples that names their domain (e.g. labels)"
+                )
+            fields = sorted(items[0]) if items else []
+            if items and domain not in items[0]:
+                raise ValueError(
+                    f"selection.params.domain={domain!r} is not a field of the data's examples; "
+                    f"fields: {', '.join(fields)}"
+                )
+            self.domains = [_domain_of(it, domain) for it in items]
         self.records: list[dict[str, Any]] = []
+        self.kept: dict[int, list[int]] = {}  # epoch -> ids trained on (train filters)
 
+    # ---------------------------------------------------------------- sizes
     def size(self, epoch: int) -> int:
         """Examples paid for (and trained on) in ``epoch``."""
         return min(self.budget, self.initial + (epoch // self.every) * self.per_round)
@@ -306,6 +433,20 @@ class Selection:
             total += frac * max(1, self.size(e) // per_batch // grad_accum)
         return max(1, math.ceil(total))
 
+    @property
+    def fraction(self) -> float:
+        """The share of the pool the budget pays for."""
+        return self.budget / max(1, len(self.ids))
+
+    def kd_weight(self) -> float | None:
+        """The teacher terms' share of the loss for ``kd_pruned`` (None: weights as written)."""
+        if not self.spec.kd_weight:
+            return None
+        from mentor.selectors import kd_pruned_weight
+
+        return float(kd_pruned_weight(self.fraction))
+
+    # ---------------------------------------------------------------- helpers
     def _fetch(self, ids: list[int]) -> dict[str, Any]:
         return self.collate([self.data[self.position[i]] for i in ids])
 
@@ -318,20 +459,116 @@ class Selection:
             return None
         return heldout_accuracy(student, self.val_data, self.collate, self.batch_size)
 
+    def _labelled(self, p: int) -> bool:
+        return self.gold and self.labels[p] != -100
+
+    def _generator(self, epoch: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + 7919 * epoch + 1)
+
+    def _ddk_weights(self, student: nn.Module) -> Tensor:
+        """DDK's domain proportions from the held-out loss gap of student and teacher."""
+        from mentor.selectors import ddk_domain_weights
+
+        assert self.domains is not None and self.domain is not None
+        d = max((x for x in self.domains if x is not None), default=-1) + 1
+        if self.val_data is None or len(self.val_data) == 0 or d == 0:
+            return torch.full((max(d, 1),), 1.0 / max(d, 1))
+        pos = list(range(len(self.val_data)))
+        items = [self.val_data[p] for p in pos]
+        dom = torch.tensor([_domain_of(it, self.domain) if self.domain in it else -1
+                            for it in items])  # fmt: skip
+        gold = torch.stack([torch.as_tensor(it["labels"]) for it in items])
+        s_out = self._outputs(student, self.val_data, pos)
+        t_out = torch.cat([self.teacher.inner(self.collate(items[lo : lo + 64])).logits
+                           .detach().float().cpu() for lo in range(0, len(items), 64)])  # fmt: skip
+        self.teacher.eval_calls += len(items)
+        s_loss = torch.nn.functional.cross_entropy(s_out, gold, reduction="none")
+        t_loss = torch.nn.functional.cross_entropy(t_out, gold, reduction="none")
+        s_d = torch.tensor([float(s_loss[dom == k].mean()) if bool((dom == k).any()) else 1.0
+                            for k in range(d)])  # fmt: skip
+        t_d = torch.tensor([float(t_loss[dom == k].mean()) if bool((dom == k).any()) else 1.0
+                            for k in range(d)])  # fmt: skip
+        kw = {} if self.smoothing is None else {"smoothing": float(self.smoothing)}
+        self.domain_weights = ddk_domain_weights(s_d, t_d, self.domain_weights, **kw)
+        return self.domain_weights
+
+    def _acquire(
+        self, epoch: int, student: nn.Module, unpaid: list[int], need: int
+    ) -> tuple[list[int], str]:
+        """Positions of ``need`` unpaid examples to pay for, and the rule that chose them."""
+        g = self._generator(epoch)
+        first = self.teacher.spent == 0
+        labelled = [p for p in unpaid if self._labelled(p)]
+        if labelled:  # the labelled part is paid first: its examples get both signals
+            order = [labelled[int(k)] for k in torch.randperm(len(labelled), generator=g)]
+            return order[:need], "labelled"
+        acquire = self.spec.acquire
+        if first or acquire == "random":
+            order = [unpaid[int(k)] for k in torch.randperm(len(unpaid), generator=g)]
+            return order[:need], "random"
+        if acquire == "scores":
+            scores = SELECTORS.get(self.method)(self._outputs(student, self.data, unpaid))
+            return [unpaid[k] for k in pick(scores, need)], self.method
+        if acquire == "rad":
+            from mentor.selectors import rad_acquire
+
+            chosen, _w = rad_acquire(self._outputs(student, self.data, unpaid), need, generator=g)
+            return [unpaid[k] for k in chosen], self.method
+        # ddk: split ``need`` over domains by their weights, then draw within each domain
+        assert self.domains is not None
+        w = self._ddk_weights(student)
+        dom = [self.domains[p] for p in unpaid]
+        if self.domain == "labels" and not self.gold or any(x is None for x in dom):
+            # a pool without labels: the student's prediction names the domain
+            pred = self._outputs(student, self.data, unpaid).argmax(-1).tolist()
+            dom = [d if d is not None and self.gold else int(q) for d, q in zip(dom, pred)]
+        by: dict[int, list[int]] = {}
+        for p, d in zip(unpaid, dom):
+            by.setdefault(int(d), []).append(p)
+        chosen: list[int] = []
+        avail = {d: [ps[int(k)] for k in torch.randperm(len(ps), generator=g)]
+                 for d, ps in sorted(by.items())}  # fmt: skip
+        while len(chosen) < need and any(avail.values()):
+            live = [d for d in avail if avail[d] and d < len(w)] or [d for d in avail if avail[d]]
+            probs = torch.tensor([float(w[d]) if d < len(w) else 0.0 for d in live])
+            probs = probs if float(probs.sum()) > 0 else torch.ones(len(live))
+            d = live[int(torch.multinomial(probs, 1, generator=g))]
+            chosen.append(avail[d].pop(0))
+        return chosen, self.method
+
+    def _train_filter(self, epoch: int, student: nn.Module, paid: list[int]) -> list[int]:
+        """The paid ids this round trains on (LLKD, KD³ keep a subset; others keep all)."""
+        name = self.spec.train_filter
+        if name is None:
+            return paid
+        if epoch in self.kept:  # decided at the start of this epoch (restored on resume)
+            return self.kept[epoch]
+        from mentor import selectors
+
+        pos = [self.position[i] for i in paid]
+        t = torch.stack([self.teacher.store[i] for i in paid])
+        s = self._outputs(student, self.data, pos)
+        keep = selectors.llkd_select(t, s) if name == "llkd" else selectors.kd3_select(t, s)
+        keep = keep.bool().tolist()
+        out = [i for i, k, p in zip(paid, keep, pos) if k or self._labelled(p)]
+        if not out:  # nothing passes: train on everything rather than on nothing
+            out = list(paid)
+        self.kept = {epoch: out}
+        return out
+
+    def _label(self, i: int) -> int:
+        p = self.position[i]
+        if self._labelled(p):
+            return self.labels[p]
+        return int(self.teacher.store[i].argmax()) if self.pseudo_labels else -100
+
     def dataset(self, epoch: int, student: nn.Module, step: int) -> Dataset:
         """The paid examples of ``epoch``, paying for the ones this epoch adds first."""
         need = self.size(epoch) - self.teacher.spent
+        rec: dict[str, Any] | None = None
         if need > 0:
             unpaid = [p for p, e in enumerate(self.ids) if e not in self.teacher.store]
-            if self.teacher.spent == 0 or self.method == "random":
-                g = torch.Generator().manual_seed(self.seed * 1_000_003 + 7919 * epoch + 1)
-                order = [unpaid[int(k)] for k in torch.randperm(len(unpaid), generator=g)]
-                chosen = order[:need]
-                by = "random"
-            else:
-                scores = SELECTORS.get(self.method)(self._outputs(student, self.data, unpaid))
-                chosen = [unpaid[k] for k in pick(scores, need)]
-                by = self.method
+            chosen, by = self._acquire(epoch, student, unpaid, need)
             acc = self.accuracy(student) if self.teacher.spent else None
             before = self.teacher.spent
             self.teacher.pay([self.ids[p] for p in chosen], self._fetch)
@@ -340,17 +577,58 @@ class Selection:
             for i in picked:
                 c = int(self.teacher.store[i].argmax())
                 per_class[c] = per_class.get(c, 0) + 1
-            self.records.append(
-                {
-                    "kind": "selection", "step": step + 1, "epoch": epoch, "by": by,
-                    "picked": len(picked), "teacher_calls": self.teacher.spent,
-                    "val_accuracy_before": acc,
-                    "picked_per_class": {str(k): v for k, v in sorted(per_class.items())},
-                }
-            )  # fmt: skip
+            rec = {
+                "kind": "selection", "step": step + 1, "epoch": epoch, "by": by,
+                "picked": len(picked), "teacher_calls": self.teacher.spent,
+                "val_accuracy_before": acc,
+                "picked_per_class": {str(k): v for k, v in sorted(per_class.items())},
+                "picked_labelled": sum(self._labelled(self.position[i]) for i in picked),
+            }  # fmt: skip
+            if self.domains is not None and self.domain != "labels":
+                per_dom: dict[str, int] = {}
+                for i in picked:
+                    d = self.domains[self.position[i]]
+                    key = "?" if d is None else str(d)
+                    per_dom[key] = per_dom.get(key, 0) + 1
+                rec["picked_per_domain"] = dict(sorted(per_dom.items()))
+                if self.domain_weights is not None:
+                    rec["domain_weights"] = [round(float(x), 6) for x in self.domain_weights]
         paid = self.teacher.order[: self.size(epoch)]
-        labels = [int(self.teacher.store[i].argmax()) for i in paid]
-        return _Paid(self.data, [self.position[i] for i in paid], labels)
+        train = self._train_filter(epoch, student, paid)
+        if self.spec.train_filter is not None and (rec is not None or epoch not in self._logged):
+            rec = rec or {"kind": "selection", "step": step + 1, "epoch": epoch,
+                          "by": self.method, "picked": 0, "teacher_calls": self.teacher.spent}  # fmt: skip
+            rec["trained_on"] = len(train)
+        if rec is not None:
+            self._logged.add(epoch)
+            self.records.append(rec)
+        labels = [self._label(i) for i in train]
+        return _Paid(self.data, [self.position[i] for i in train], labels)
+
+    @property
+    def _logged(self) -> set[int]:
+        if not hasattr(self, "_logged_epochs"):
+            self._logged_epochs: set[int] = set()
+        return self._logged_epochs
+
+    def state(self) -> dict[str, Tensor]:
+        """What resume needs beyond the paid set: this epoch's training subset, DDK weights."""
+        out: dict[str, Tensor] = {}
+        for e, ids in self.kept.items():
+            out["selection.kept_epoch"] = torch.tensor([e], dtype=torch.long)
+            out["selection.kept"] = torch.tensor(ids, dtype=torch.long)
+        if self.domain_weights is not None:
+            out["selection.domain_weights"] = self.domain_weights.clone()
+        return out
+
+    def load_state(self, state: dict[str, Tensor]) -> None:
+        """Restore :meth:`state`."""
+        if "selection.kept" in state:
+            e = int(state["selection.kept_epoch"][0])
+            self.kept = {e: [int(i) for i in state["selection.kept"].tolist()]}
+            self._logged.add(e)
+        if "selection.domain_weights" in state:
+            self.domain_weights = state["selection.domain_weights"].float()
 
     def drain(self) -> list[dict[str, Any]]:
         """Records of the rounds since the last call (the engine logs them)."""
@@ -359,19 +637,31 @@ class Selection:
 
     def summary(self, student: nn.Module) -> dict[str, Any]:
         """``selection.json``: settings, calls and the accuracy-vs-teacher-calls curve."""
-        return {
+        per_class: dict[str, int] = {}
+        for i in self.teacher.order:
+            c = str(int(self.teacher.store[i].argmax()))
+            per_class[c] = per_class.get(c, 0) + 1
+        out = {
             "method": self.method,
+            "why": self.spec.cite,
             "budget": self.budget,
             "every": self.every,
             "initial": self.initial,
             "per_round": self.per_round,
             "pool": len(self.ids),
+            "labelled": sum(self._labelled(p) for p in range(len(self.ids))),
             "teacher_calls": self.teacher.spent,
             "calls_this_process": self.teacher.calls,
             "eval_calls": self.teacher.eval_calls,
+            "paid_per_class": dict(sorted(per_class.items(), key=lambda kv: int(kv[0]))),
             "final_val_accuracy": self.accuracy(student),
             "labels_file": LABELS_FILE,
         }
+        if self.spec.kd_weight:
+            out["kd_weight"] = self.kd_weight()
+        if self.domain_weights is not None:
+            out["domain_weights"] = [round(float(x), 6) for x in self.domain_weights]
+        return out
 
 
 def build_selection(
@@ -381,6 +671,7 @@ def build_selection(
     collate: Callable[[list[Any]], dict[str, Any]],
     val_data: Dataset | None,
     task: str,
+    info: Any = None,
 ) -> Selection | None:
     """The run's :class:`Selection` from ``cfg.selection`` (None when the recipe has none)."""
     sc = getattr(cfg, "selection", None)
@@ -397,15 +688,30 @@ def build_selection(
             "selection with teacher.source=cache: a cache has already paid for every example; "
             "use the online (or served) teacher so that only the selected examples are paid for"
         )
+    spec = METHODS.get(sc.method)
+    allowed = (*COMMON_PARAMS, *(spec.params if spec else ()))
     p = dict(sc.params)
-    unknown = sorted(set(p) - {"initial", "per_round"})
+    unknown = sorted(set(p) - set(allowed))
     if unknown:
-        raise ValueError(f"selection.params: unknown key(s) {unknown}; valid: initial, per_round")
+        raise ValueError(
+            f"selection.params: unknown key(s) {unknown}; valid for {sc.method}: "
+            f"{', '.join(allowed)}"
+        )
     for k in ("initial", "per_round"):
         if k in p and (isinstance(p[k], bool) or not isinstance(p[k], int) or p[k] < 1):
             raise ValueError(f"selection.params.{k}={p[k]!r}: use a positive integer")
+    if "pseudo_labels" in p and not isinstance(p["pseudo_labels"], bool):
+        raise ValueError(f"selection.params.pseudo_labels={p['pseudo_labels']!r}: true or false")
+    if "smoothing" in p and (
+        isinstance(p["smoothing"], bool) or not isinstance(p["smoothing"], (int, float))
+        or not 0 <= p["smoothing"] < 1
+    ):  # fmt: skip
+        raise ValueError(f"selection.params.smoothing={p['smoothing']!r}: a number in [0, 1)")
+    extra = getattr(info, "extra", {}) or {}
     return Selection(
         sc.method, sc.budget, sc.every, teacher, train_data, collate,
         initial=p.get("initial"), per_round=p.get("per_round"), seed=cfg.train.seed,
-        batch_size=cfg.eval.batch_size, val_data=val_data,
+        batch_size=cfg.eval.batch_size, val_data=val_data, gold="labeled" in extra,
+        pseudo_labels=p.get("pseudo_labels", True), domain=p.get("domain"),
+        smoothing=p.get("smoothing"), num_classes=getattr(info, "num_classes", None),
     )  # fmt: skip

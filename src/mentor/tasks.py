@@ -142,6 +142,27 @@ class Classification(Task):
     name = "classification"
     eval_metrics = ("accuracy", "agreement")
 
+    def loss_view(
+        self, logits: Any, teacher_logits: Any, batch: Mapping[str, Any]
+    ) -> tuple[Any, Any, Tensor | None, Tensor | None]:
+        """Every row counts for teacher terms; label terms (``ce``) skip rows labelled -100.
+
+        Rows without a label (the unlabelled pool of ``data.params.labeled``) still carry the
+        teacher's signal, so the mask is all rows and only the labels mark the missing ones.
+        """
+        labels = batch.get("labels")
+        mask = None
+        if isinstance(labels, Tensor) and bool((labels == -100).any()):
+            mask = torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
+        return logits, teacher_logits, labels, mask
+
+    def count_positions(self, batch: Mapping[str, Any]) -> int:
+        """Rows of the micro-batch (labelled or not: teacher terms count them all)."""
+        labels = batch.get("labels")
+        if isinstance(labels, Tensor):
+            return int(labels.shape[0])
+        return super().count_positions(batch)
+
     def accumulator(self, num_classes: int | None = None) -> Accumulator:
         """Accuracy, CE, macro-F1, calibration, confusion, and fidelity to the teacher."""
         return _ClassAcc(num_classes)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -176,13 +177,15 @@ def build_data(
     """Build the dataset named ``source`` (errors name ``data.source`` / ``data.params``).
 
     Text sources tokenise with ``params["tokenizer"]`` or, when absent, the ``tokenizer``
-    given here (``mentor.assembly`` passes the teacher's model).
+    given here (``mentor.assembly`` passes the teacher's model). Every classification source
+    also takes ``labeled`` (a count or a fraction): only that many training examples keep their
+    label, the rest are an unlabelled pool (see :func:`keep_labels`).
     """
     import inspect
 
     fn = DATASETS.get(source)
     sig = inspect.signature(fn)
-    valid = [p for p in sig.parameters if p not in ("val_fraction", "seed")]
+    valid = [p for p in sig.parameters if p not in ("val_fraction", "seed")] + ["labeled"]
     unknown = [k for k in params if k not in valid]
     if unknown and not any(v.kind is v.VAR_KEYWORD for v in sig.parameters.values()):
         from mentor.registry import did_you_mean
@@ -192,6 +195,95 @@ def build_data(
             f"{did_you_mean(unknown[0], valid)} Valid parameters: {', '.join(valid)}"
         )
     kw = dict(params)
+    labeled = kw.pop("labeled", None)
     if tokenizer is not None and "tokenizer" in sig.parameters and kw.get("tokenizer") is None:
         kw["tokenizer"] = tokenizer
-    return fn(**kw, val_fraction=val_fraction, seed=seed)
+    bundle = fn(**kw, val_fraction=val_fraction, seed=seed)
+    if labeled is not None:
+        bundle = keep_labels(bundle, labeled, seed, source)
+    return bundle
+
+
+def labeled_count(labeled: Any, n: int) -> int:
+    """``data.params.labeled`` as a number of examples: a count ``N`` or a fraction in (0, 1)."""
+    if isinstance(labeled, bool) or not isinstance(labeled, (int, float, np.integer, np.floating)):
+        raise ValueError(
+            f"data.params.labeled={labeled!r}: give a number of labelled examples (e.g. 500) or "
+            "a fraction of the training set (e.g. 0.05)"
+        )
+    if isinstance(labeled, (float, np.floating)) and not float(labeled).is_integer():
+        if not 0.0 < labeled < 1.0:
+            raise ValueError(
+                f"data.params.labeled={labeled}: a fraction must be in (0, 1); use a whole "
+                "number for a count"
+            )
+        return max(1, int(round(float(labeled) * n)))
+    k = int(labeled)
+    if k < 0:
+        raise ValueError(f"data.params.labeled={k}: use 0 (no labels) or more")
+    if k > n:
+        raise ValueError(
+            f"data.params.labeled={k} is larger than the training set ({n:,} examples): use at "
+            f"most {n:,}, or a fraction"
+        )
+    return k
+
+
+def labeled_positions(labels: torch.Tensor, k: int, seed: int) -> np.ndarray:
+    """Positions of ``k`` examples to keep labelled: a seeded draw, stratified by class.
+
+    Each class gets its share of ``k`` (largest remainders first), so a small labelled set
+    still covers every class it can.
+    """
+    y = np.asarray(labels)
+    order = np.random.default_rng(seed + 104_729).permutation(len(y))
+    classes, counts = np.unique(y, return_counts=True)
+    quota = counts * k / len(y)
+    take = np.floor(quota).astype(int)
+    rest = k - int(take.sum())
+    for c in np.argsort(-(quota - take), kind="stable")[:rest]:
+        take[c] += 1
+    keep = []
+    for c, t in zip(classes, take):
+        keep.extend(order[y[order] == c][:t].tolist())
+    return np.sort(np.asarray(keep, dtype=np.int64))
+
+
+def keep_labels(bundle: DataBundle, labeled: Any, seed: int, source: str = "") -> DataBundle:
+    """A copy of ``bundle`` whose training set keeps the labels of ``labeled`` examples only.
+
+    The others become the unlabelled pool: their label is ``-100`` (ignored by label terms such
+    as ``ce``; teacher terms still see them). Held-out data keeps its labels (it measures the
+    student). ``labeled``: a count, or a fraction of the training set.
+    """
+    import copy
+
+    train = bundle.train
+    if bundle.info.task != "classification":
+        raise ValueError(
+            f"data.params.labeled applies to classification data; source {source!r} gives "
+            f"{bundle.info.task} data"
+        )
+    labels = getattr(train, "labels", None)
+    if not isinstance(labels, torch.Tensor):
+        raise ValueError(
+            f"data.params.labeled: the training set of source {source!r} does not keep its "
+            "labels in one tensor, so a labelled part cannot be set aside"
+        )
+    k = labeled_count(labeled, len(labels))
+    keep = labeled_positions(labels, k, seed)
+    hidden = torch.full_like(labels, -100)
+    hidden[torch.as_tensor(keep, dtype=torch.long)] = labels[torch.as_tensor(keep)]
+    part = copy.copy(train)
+    part.labels = hidden
+    extra = {**bundle.info.extra, "labeled": k, "unlabeled": len(labels) - k}
+    info = dataclasses.replace(bundle.info, extra=extra)
+    return dataclasses.replace(bundle, train=part, info=info)
+
+
+def labeled_mask(data: Dataset) -> torch.Tensor | None:
+    """Which training examples have a label (None: the dataset keeps no label tensor)."""
+    labels = getattr(data, "labels", None)
+    if not isinstance(labels, torch.Tensor):
+        return None
+    return labels != -100

@@ -337,6 +337,10 @@ class Distiller:
             )
         check_schedules(config.train.schedules, objective)
         _check_cross_tokenizer(config, objective, self.task, teacher)
+        if self.task.name == "classification" and selection is None:
+            self.train_data = _labelled_part(train_data, objective, teacher_terms)
+        if selection is not None:
+            _apply_selection_rules(selection, objective, teacher_terms)
         self.model = DistillModule(student, objective, self.task, config.train.fused_loss_chunk)
         if config.generation.mode != "off":
             _check_generation(config, self.task, train_data)
@@ -901,6 +905,69 @@ _TRACKER_MODULES = {
     "mlflow": ("mlflow",),
     "wandb": ("wandb",),
 }
+
+
+def term_needs_labels(loss: nn.Module) -> bool:
+    """Whether a loss term reads the data's labels (ce, step_by_step, dkd, pld, kd with alpha>0)."""
+    from mentor.losses.logit import ROWWISE
+
+    if loss.name in LABEL_ONLY:
+        return True
+    if loss.name in ROWWISE:
+        hp = {k: v for k, v in loss.hp.items() if k != "chunk_size"}
+        return bool(ROWWISE[loss.name][0](**hp).needs_labels)
+    return False
+
+
+def _labelled_part(data: Dataset, objective: Objective, teacher_terms: list[str]) -> Dataset:
+    """The training data as the objective can use it when some labels are hidden (-100).
+
+    ``data.params.labeled`` keeps the labels of part of the training set. With teacher terms
+    every example trains (the unlabelled ones through the teacher only); an objective of label
+    terms alone trains on the labelled part only. No labels at all with a term that reads them
+    is refused.
+    """
+    from mentor.data.sources import labeled_mask
+
+    has = labeled_mask(data)
+    if has is None or bool(has.all()):
+        return data
+    needs = [n for n, t in objective.terms.items() if term_needs_labels(t)]
+    if not bool(has.any()) and needs:
+        raise ValueError(
+            f"the training data has no labels (data.params.labeled=0) but objective term(s) "
+            f"{', '.join(needs)} read labels: drop them (label-free distillation uses teacher "
+            "terms only, e.g. kd with alpha 0) or keep some labels (data.params.labeled=N)"
+        )
+    if teacher_terms:
+        return data
+    return torch.utils.data.Subset(data, torch.nonzero(has).flatten().tolist())
+
+
+def _apply_selection_rules(selection: Any, objective: Objective, teacher_terms: list[str]) -> None:
+    """What a selection method asks of the objective: no label terms for ``label_free``; the
+    teacher terms' share of the loss set from the paid fraction for ``kd_pruned``."""
+    if selection.spec.label_free:
+        needs = [n for n, t in objective.terms.items() if term_needs_labels(t)]
+        if needs:
+            raise ValueError(
+                f"selection.method=label_free trains on teacher signals only, but objective "
+                f"term(s) {', '.join(needs)} read labels: drop them (kd needs alpha 0)"
+            )
+    alpha = selection.kd_weight()
+    if alpha is None:
+        return
+    label_terms = [n for n in objective.terms if n not in teacher_terms]
+    if not teacher_terms or not label_terms:
+        raise ValueError(
+            "selection.method=kd_pruned sets the balance of teacher and label terms from the "
+            "paid fraction: the objective needs both (e.g. kd and ce)"
+        )
+    for names, share in ((teacher_terms, alpha), (label_terms, 1.0 - alpha)):
+        total = sum(objective.weights[n] for n in names)
+        for n in names:
+            w = objective.weights[n]
+            objective.weights[n] = share * (w / total if total > 0 else 1.0 / len(names))
 
 
 def _check_trackers(trackers: Sequence[str]) -> None:

@@ -157,3 +157,35 @@ def evaluate_classifier(
         out["agreement"] = agreement(s_logits, t_logits)
         out["teacher_accuracy"] = accuracy(t_logits, labels)
     return out
+
+
+def paired_gain(
+    correct_a: Tensor, correct_b: Tensor, *, n_boot: int = 2000, seed: int = 0
+) -> dict[str, Any]:
+    """Accuracy of A minus accuracy of B on the same examples, with a 95% bootstrap interval.
+
+    ``correct_a``/``correct_b``: boolean ``[N]`` (is each held-out example right). The
+    interval resamples the examples with replacement (paired: both models on the same draw,
+    ``n_boot`` draws, percentile interval; Efron & Tibshirani, "An Introduction to the
+    Bootstrap", 1993). Returns ``gain`` (in accuracy units), ``ci95`` ``[low, high]``, ``n`` and
+    ``significant`` (the interval excludes 0).
+    """
+    a, b = correct_a.float().reshape(-1), correct_b.float().reshape(-1)
+    if a.shape != b.shape or a.numel() == 0:
+        raise ValueError(
+            f"paired_gain needs two equal, non-empty [N] vectors; got {tuple(a.shape)} and "
+            f"{tuple(b.shape)}"
+        )
+    d = a - b
+    n = d.numel()
+    g = torch.Generator().manual_seed(seed)
+    draws = torch.randint(0, n, (n_boot, n), generator=g)
+    means = d[draws].mean(1).sort().values
+    lo = float(means[int(0.025 * (n_boot - 1))])
+    hi = float(means[int(math.ceil(0.975 * (n_boot - 1)))])
+    return {
+        "gain": float(d.mean()),
+        "ci95": [lo, hi],
+        "n": n,
+        "significant": bool(lo > 0 or hi < 0),
+    }

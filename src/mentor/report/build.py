@@ -134,6 +134,9 @@ def build_report(run_dir: str | Path, *, evaluate_if_missing: bool = True) -> Pa
         md_text, html_text = gen
         sections.append((GENERATION_TITLE, md_text, None))
         raw_html[GENERATION_TITLE] = html_text
+    gain = gain_section(ev, run_dir) if ev else None
+    if gain:
+        sections.append(("Did distilling pay off?", gain, None))
     sel = selection_section(ev, cfg) if ev else None
     if sel:
         sections.append(("Teacher budget and selection", sel, None))
@@ -248,18 +251,64 @@ def selection_section(ev: dict[str, Any], cfg: dict[str, Any]) -> str | None:
         ]  # fmt: skip
         for r in s.get("rounds", [])
     ]
+    for row, r in zip(rows, s.get("rounds", [])):
+        row.append(str(r["trained_on"]) if "trained_on" in r else "all paid")
+    lab = s.get("labelled", 0)
+    first = (f"the {lab:,} labelled examples first, then " if lab else "") + "random ones"
     text = (
-        f"The training set was an unlabelled pool of {s['pool']:,} examples; the teacher was "
-        f"paid for {s['teacher_calls']:,} of them (budget {s['budget']:,}): {s['initial']:,} at "
-        f"random, then {s['per_round']:,} every {s['every']} epoch(s) chosen by "
-        f"**{s['method']}** from the current student. The student trained on the teacher's "
-        f"labels of those only. Final held-out accuracy {_fmt(s['final_val_accuracy'])}; "
-        f"teacher calls for held-out evaluation during training: {s['eval_calls']:,}. "
-        f"Every paid label is in `{s['labels_file']}`.\n\n"
+        f"The training set was a pool of {s['pool']:,} examples"
+        + (f" ({lab:,} with their own label)" if lab else " (its own labels unused)")
+        + f"; the teacher was paid for {s['teacher_calls']:,} of them (budget {s['budget']:,}): "
+        f"{s['initial']:,} at first ({first}), then {s['per_round']:,} every {s['every']} "
+        f"epoch(s) chosen by **{s['method']}** from the current student"
+        + (f" ({s['why']})" if s.get("why") else "")
+        + ". Final held-out accuracy "
+        f"{_fmt(s['final_val_accuracy'])}; teacher calls for held-out evaluation during "
+        f"training: {s['eval_calls']:,}. Every paid label is in `{s['labels_file']}`."
     )
+    if s.get("paid_per_class"):
+        text += f" Teacher labels of everything paid for: {classes(s['paid_per_class'])}."
+    if s.get("kd_weight") is not None:
+        text += f" Teacher terms' share of the loss (from the paid fraction): {s['kd_weight']:.3f}."
+    if s.get("domain_weights"):
+        w = ", ".join(f"{x:.3f}" for x in s["domain_weights"])
+        text += f" Last domain proportions: {w}."
     header = ["epoch", "step", "chosen by", "picked", "teacher calls", "held-out acc. before",
-              "teacher labels of the picked"]  # fmt: skip
-    return text + _md_table(header, rows)
+              "teacher labels of the picked", "trained on"]  # fmt: skip
+    return text + "\n\n" + _md_table(header, rows)
+
+
+def gain_section(ev: dict[str, Any], run_dir: Path) -> str | None:
+    """The distilled student against the same student trained on labels alone (None without
+    a label-only student: ``eval.label_only`` or ``mentor eval --baseline``)."""
+    g = ev.get("distillation_gain")
+    if not g:
+        return None
+    models = ev["models"]
+    acc = {n: models[n].get("accuracy") for n in ("teacher", "student_no_kd", "student")
+           if n in models}  # fmt: skip
+    pts = lambda x: f"{100 * x:+.2f}"  # noqa: E731
+    verdict = (
+        "distilling **paid off**" if g["significant"] and g["gain"] > 0
+        else "distilling **made the student worse**" if g["significant"]
+        else "the difference is **within the noise** of this held-out set"
+    )  # fmt: skip
+    lines = [
+        f"Distilled student minus the same student trained on labels alone (same steps): "
+        f"**{pts(g['gain'])} points** of held-out accuracy (95% bootstrap interval "
+        f"{pts(g['ci95'][0])} to {pts(g['ci95'][1])}, {g['n']:,} examples): {verdict}.",
+        "",
+        _md_table(
+            ["model", "held-out accuracy"],
+            [[plots.LABELS.get(n, n), _fmt(v)] for n, v in acc.items()],
+        ),  # fmt: skip
+    ]
+    fm = run_dir / "final_metrics.json"
+    if fm.exists():
+        warn = json.loads(fm.read_text()).get("label_only_warning")
+        if warn:
+            lines += ["", f"Before distilling: {warn}"]
+    return "\n".join(lines)
 
 
 def _first_cost(ev: dict[str, Any]) -> dict[str, Any]:
