@@ -22,6 +22,7 @@ LAYERS = {
     "mentor.config": 3,  # validates names against the registries below
     "mentor.teachers": 2,
     "mentor.selection": 2,  # teacher budgets: wraps a teacher source
+    "mentor.selectors": 2,
     "mentor.cache": 2,
     "mentor.losses": 2,
     "mentor.tasks": 2,

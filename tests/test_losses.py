@@ -253,6 +253,50 @@ def ref_dist(s, t, labels=None, mask=None, beta=1.0, gamma=1.0, temperature=1.0,
     return temperature**2 * (beta * inter + gamma * intra)
 
 
+def _tgeo_init(c, hidden, seed):
+    """tgeo_kd's documented fusion-net initialisation (uniform ±1/√fan_in, W1 b1 W2 b2)."""
+    g = torch.Generator().manual_seed(seed)
+    d = 9 * c
+
+    def u(shape, fan):
+        return ((torch.rand(shape, generator=g) * 2 - 1) / math.sqrt(fan)).to(D)
+
+    return u((hidden, d), d), u((hidden,), d), u((1, hidden), hidden), u((1,), hidden)
+
+
+def ref_tgeo_kd(s, t, labels=None, mask=None, temperature=4.0, hidden=128, meta_lr=1e-3,
+                meta_weight_decay=0.0, seed=0):  # fmt: skip
+    """α·τ²·KL + (1−α)·CE per counted row; α = sigmoid(MLP([S, T, T̄, G, |S−G|, |S−T|, |S−T̄|,
+    (G−T̄)⊙(G−S), (G−T)⊙(G−S)])) at the seeded initial net, T̄ = the batch's class means of the
+    teacher's probabilities; counted rows with label −100: α = 1."""
+    S, T = rows_of(s), rows_of(t)
+    c = S.shape[1]
+    lab = labels.reshape(-1).tolist()
+    rows = counted(S.shape[0], labels, mask)
+    if not rows:
+        return 0.0
+    w1, b1, w2, b2 = _tgeo_init(c, hidden, seed)
+    sums, counts = {}, {}
+    for r in rows:
+        if lab[r] != -100:
+            sums[lab[r]] = sums.get(lab[r], 0) + sm(T[r])
+            counts[lab[r]] = counts.get(lab[r], 0) + 1
+    total = 0.0
+    for r in rows:
+        soft = temperature**2 * kl(sm(T[r] / temperature), sm(S[r] / temperature))
+        if lab[r] == -100:
+            total += soft
+            continue
+        ps, pt, tb = sm(S[r]), sm(T[r]), sums[lab[r]] / counts[lab[r]]
+        g = torch.zeros(c, dtype=D)
+        g[lab[r]] = 1
+        x = torch.cat([ps, pt, tb, g, (ps - g).abs(), (ps - pt).abs(), (ps - tb).abs(),
+                       (g - tb) * (g - ps), (g - pt) * (g - ps)])  # fmt: skip
+        a = float(torch.sigmoid(w2 @ torch.relu(w1 @ x + b1) + b2))
+        total += a * soft + (1 - a) * -float(lsm(S[r])[lab[r]])
+    return total / len(rows)
+
+
 # ---------------------------------------------------------------------------- features
 
 
@@ -494,8 +538,8 @@ LOGIT_INFS_OK = {
     "kd", "forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl", "dkd", "taid",
     "bd_kd", "listwise_kl",
 }  # fmt: skip
-NOT_ZERO_AT_EQUAL = {"pld", "sinkhorn", "ce"}
-NEEDS_LABELS = {"ce", "dkd", "pld"}
+NOT_ZERO_AT_EQUAL = {"pld", "sinkhorn", "ce", "tgeo_kd"}
+NEEDS_LABELS = {"ce", "dkd", "pld", "tgeo_kd"}
 
 
 def _g(seed):
@@ -565,6 +609,7 @@ CASES = {
     "ce": [{}],
     "logit_mse": [{}],
     "dist": [{}, {"temperature": 4.0, "beta": 2.0, "gamma": 2.0}],
+    "tgeo_kd": [{}, {"temperature": 2.0, "hidden": 16, "seed": 3}],
     "hint_mse": [{}],
     "squarehead": [{}, {"layer_reduction": "mean"}],
     "cosine_embedding": [{}],

@@ -203,12 +203,15 @@ def fit_on_labels(
                 "(teacher.path, or drop teacher.fit)"
             )
         data = torch.utils.data.Subset(data, torch.nonzero(has).flatten().tolist())
+    # a labelled part gets the optimizer steps the whole training set would have had (more
+    # epochs over fewer examples), so a teacher fitted on few labels is not left underfitted
+    n_steps_data = len(bundle.train)
     collate = bundle.collate or default_collate
     trainee: nn.Module = model
     if hasattr(model, "fit_head") and getattr(model, "encoder_frozen", lambda: False)():
         data = _pooled_features(model, data, collate, label, progress)
         trainee, collate = nn.Sequential(model.dropout, model.head), default_collate
-    per_epoch = max(1, len(data) // fit.batch_size)
+    per_epoch = max(1, n_steps_data // fit.batch_size)
     steps = max(1, math.ceil(fit.epochs * per_epoch))
     torch.manual_seed(seed)
     Distiller(

@@ -123,6 +123,15 @@ def heldout_accuracy(
     return float((pred == gold).float().mean())
 
 
+def on_teacher_device(batch: dict[str, Any], source: Any) -> dict[str, Any]:
+    """``batch`` with its tensors on the device of ``source``'s module (as is without one)."""
+    module = getattr(source, "module", None)
+    if not isinstance(module, nn.Module):
+        return batch
+    dev = next(module.parameters(), torch.empty(0)).device
+    return {k: v.to(dev) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
 class BudgetTeacher(TeacherSource):
     """Wraps a teacher source: answers paid examples from memory, counts and logs every call.
 
@@ -175,7 +184,7 @@ class BudgetTeacher(TeacherSource):
         step = 64
         for lo in range(0, len(ask), step):
             chunk = ask[lo : lo + step]
-            out = self.inner(fetch(chunk)).logits
+            out = self.inner(on_teacher_device(fetch(chunk), self.inner)).logits
             if not isinstance(out, Tensor) or out.dim() != 2:
                 raise ValueError(
                     "selection needs a teacher whose signal is one row of class logits per "
@@ -282,8 +291,8 @@ METHODS: dict[str, Method] = {
     "least_confidence": Method("scores", cite=SELECTORS.describe("least_confidence")),
     "rad": Method(
         "rad",
-        cite='Baykal et al., "Robust Active Distillation", ICLR 2023: sample informative '
-        "examples the teacher likely labels correctly, importance-weighted",
+        cite='Baykal, Trinh, Iliopoulos, Menghani & Vee, "Robust Active Distillation", ICLR '
+        "2023: sample informative examples while hedging against the teacher's mistakes",
     ),
     "llkd": Method(
         train_filter="llkd",
@@ -418,7 +427,8 @@ class Selection:
                 )
             self.domains = [_domain_of(it, domain) for it in items]
         self.records: list[dict[str, Any]] = []
-        self.kept: dict[int, list[int]] = {}  # epoch -> ids trained on (train filters)
+        self.kept: dict[int, list[int]] = {}  # round -> ids trained on (train filters)
+        self.llkd_state: Any = None  # LLKD's moving-average thresholds
 
     # ---------------------------------------------------------------- sizes
     def size(self, epoch: int) -> int:
@@ -479,8 +489,9 @@ class Selection:
                             for it in items])  # fmt: skip
         gold = torch.stack([torch.as_tensor(it["labels"]) for it in items])
         s_out = self._outputs(student, self.val_data, pos)
-        t_out = torch.cat([self.teacher.inner(self.collate(items[lo : lo + 64])).logits
-                           .detach().float().cpu() for lo in range(0, len(items), 64)])  # fmt: skip
+        inner = self.teacher.inner
+        t_out = torch.cat([inner(on_teacher_device(self.collate(items[lo : lo + 64]), inner))
+                           .logits.detach().float().cpu() for lo in range(0, len(items), 64)])  # fmt: skip
         self.teacher.eval_calls += len(items)
         s_loss = torch.nn.functional.cross_entropy(s_out, gold, reduction="none")
         t_loss = torch.nn.functional.cross_entropy(t_out, gold, reduction="none")
@@ -541,19 +552,25 @@ class Selection:
         name = self.spec.train_filter
         if name is None:
             return paid
-        if epoch in self.kept:  # decided at the start of this epoch (restored on resume)
-            return self.kept[epoch]
-        from mentor import selectors
+        rnd = epoch // self.every  # chosen once per selection round (restored on resume)
+        if rnd in self.kept:
+            return self.kept[rnd]
+        import mentor.selectors as selectors
 
         pos = [self.position[i] for i in paid]
         t = torch.stack([self.teacher.store[i] for i in paid])
         s = self._outputs(student, self.data, pos)
-        keep = selectors.llkd_select(t, s) if name == "llkd" else selectors.kd3_select(t, s)
+        if name == "llkd":  # thresholds are moving averages carried across rounds
+            if self.llkd_state is None:
+                self.llkd_state = selectors.LLKDState()
+            keep = selectors.llkd_select(t, s, state=self.llkd_state)
+        else:
+            keep = selectors.kd3_select(t, s)
         keep = keep.bool().tolist()
         out = [i for i, k, p in zip(paid, keep, pos) if k or self._labelled(p)]
         if not out:  # nothing passes: train on everything rather than on nothing
             out = list(paid)
-        self.kept = {epoch: out}
+        self.kept = {rnd: out}
         return out
 
     def _label(self, i: int) -> int:
@@ -595,12 +612,13 @@ class Selection:
                     rec["domain_weights"] = [round(float(x), 6) for x in self.domain_weights]
         paid = self.teacher.order[: self.size(epoch)]
         train = self._train_filter(epoch, student, paid)
-        if self.spec.train_filter is not None and (rec is not None or epoch not in self._logged):
+        rnd = epoch // self.every
+        if self.spec.train_filter is not None and (rec is not None or rnd not in self._logged):
             rec = rec or {"kind": "selection", "step": step + 1, "epoch": epoch,
                           "by": self.method, "picked": 0, "teacher_calls": self.teacher.spent}  # fmt: skip
             rec["trained_on"] = len(train)
         if rec is not None:
-            self._logged.add(epoch)
+            self._logged.add(rnd)
             self.records.append(rec)
         labels = [self._label(i) for i in train]
         return _Paid(self.data, [self.position[i] for i in train], labels)
@@ -615,20 +633,37 @@ class Selection:
         """What resume needs beyond the paid set: this epoch's training subset, DDK weights."""
         out: dict[str, Tensor] = {}
         for e, ids in self.kept.items():
-            out["selection.kept_epoch"] = torch.tensor([e], dtype=torch.long)
+            out["selection.kept_round"] = torch.tensor([e], dtype=torch.long)
             out["selection.kept"] = torch.tensor(ids, dtype=torch.long)
         if self.domain_weights is not None:
             out["selection.domain_weights"] = self.domain_weights.clone()
+        st = self.llkd_state
+        if st is not None and st.teacher_class is not None:
+            out["selection.llkd.scalars"] = torch.tensor(
+                [st.teacher_confidence, st.student_uncertainty, float(st.rounds)],
+                dtype=torch.float64,
+            )
+            out["selection.llkd.teacher_class"] = st.teacher_class.clone()
+            out["selection.llkd.student_class"] = st.student_class.clone()
         return out
 
     def load_state(self, state: dict[str, Tensor]) -> None:
         """Restore :meth:`state`."""
         if "selection.kept" in state:
-            e = int(state["selection.kept_epoch"][0])
+            e = int(state["selection.kept_round"][0])
             self.kept = {e: [int(i) for i in state["selection.kept"].tolist()]}
             self._logged.add(e)
         if "selection.domain_weights" in state:
             self.domain_weights = state["selection.domain_weights"].float()
+        if "selection.llkd.scalars" in state:
+            from mentor.selectors import LLKDState
+
+            a, b, r = state["selection.llkd.scalars"].tolist()
+            self.llkd_state = LLKDState(
+                teacher_confidence=a, teacher_class=state["selection.llkd.teacher_class"],
+                student_uncertainty=b, student_class=state["selection.llkd.student_class"],
+                rounds=int(r),
+            )  # fmt: skip
 
     def drain(self) -> list[dict[str, Any]]:
         """Records of the rounds since the last call (the engine logs them)."""

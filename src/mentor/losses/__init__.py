@@ -41,6 +41,7 @@ from mentor.losses.ranking import listwise_kl, margin_mse
 from mentor.losses.relational import gram_kl, rkd_angle, rkd_distance, spkd
 from mentor.losses.sequence import kepo, mgsr_span, paced, step_by_step, tsd_kd
 from mentor.losses.taid_schedule import TAIDScheduler
+from mentor.losses.tgeo import TGeoKDLoss, tgeo_kd
 from mentor.losses.xtok import align_spans, build_vocab_map, gold_hybrid, uld
 from mentor.signals import Sampled, TopK
 
@@ -51,6 +52,7 @@ __all__ = [
     "Objective",
     "Sampled",
     "TAIDScheduler",
+    "TGeoKDLoss",
     "TopK",
     "align_spans",
     "attention_transfer",
@@ -89,6 +91,7 @@ __all__ = [
     "spkd",
     "squarehead",
     "taid",
+    "tgeo_kd",
     "token_relation",
     "tsd_kd",
     "tvd",

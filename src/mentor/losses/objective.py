@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from mentor.losses._base import LOSSES, get_loss
 from mentor.losses.taid_schedule import TAIDScheduler
+from mentor.students.dual_head import DualLogits
 
 # Keys of a ``taid`` term that configure its TAIDScheduler.
 # losses that read labels only: an objective of these needs no teacher
@@ -132,6 +133,13 @@ class Objective(nn.Module):
     ``extras``. Cross-tokenizer terms (``inputs="xtok"``: uld, gold_hybrid) receive the
     per-side inputs of ``xtok``; they combine with ``ce`` only (any other teacher term needs
     one shared vocabulary), which is refused here.
+    A dual-head student (:class:`~mentor.students.dual_head.DualHead`, Kang et al., "Simple
+    Semi-supervised Knowledge Distillation from Vision-Language Models via Dual-Head
+    Optimization", 2025) gives :class:`~mentor.students.dual_head.DualLogits`: the label-only
+    terms (``ce``, ``step_by_step``) receive its ``label`` logits, every teacher term its
+    ``distill`` logits (:meth:`check_dual_head` lists what cannot be combined with it).
+    Terms with a learned fusion net (``tgeo_kd``) are listed by :meth:`meta_terms`; their
+    tensors are checkpointed with :meth:`tensor_state` / :meth:`load_tensor_state`.
     """
 
     def __init__(self, spec: Mapping[str, Mapping[str, Any]]) -> None:
@@ -180,6 +188,58 @@ class Objective(nn.Module):
                 raise ValueError(f"objective.{term}: a projector applies to feature terms only")
         self._check_cross_tokenizer()
 
+    def check_dual_head(self) -> None:
+        """Refuse terms that cannot train a dual-head student (Dual-Head Optimization).
+
+        Kang et al., "Simple Semi-supervised Knowledge Distillation from Vision-Language Models
+        via Dual-Head Optimization" (2025): label terms train the label head, teacher terms the
+        distillation head. Feature terms (taps, the ``output`` pseudo tap) and losses that mix a
+        label loss and a teacher loss on one head with learned weights (``tgeo_kd``) have no
+        head to go to; raises ``ValueError`` naming them.
+        """
+        bad = [f"{n} (compares features)" for n in self.taps]
+        bad += [
+            f"{n} ({t.name}: mixes the label and teacher losses on one head)"
+            for n, t in self.terms.items()
+            if getattr(t, "fuses_label_and_teacher", False)
+        ]
+        if bad:
+            raise ValueError(
+                f"objective: {', '.join(bad)} cannot train a dual-head student, whose label "
+                "terms (ce, step_by_step) train one head and teacher logit terms (kd, ...) the "
+                "other; use logit terms only, e.g. {ce: {weight: 0.5}, kd: {weight: 0.5, "
+                "temperature: 2}}"
+            )
+
+    def meta_terms(self) -> dict[str, nn.Module]:
+        """Terms whose loss has a learned fusion net updated by ``meta_step`` (``tgeo_kd``:
+        Hu et al., "Less or More From Teacher: Exploiting Trilateral Geometry For Knowledge
+        Distillation", ICLR 2024); their nets are not parameters of the Objective."""
+        return {n: t for n, t in self.terms.items() if hasattr(t, "meta_step")}
+
+    def tensor_state(self) -> dict[str, Tensor]:
+        """Tensors of the :meth:`meta_terms` (fusion nets, their optimizer, statistics) as one
+        flat ``{"<term>.<key>": tensor}`` dict for a checkpoint (TGeo-KD, Hu et al. 2024)."""
+        return {
+            f"{n}.{k}": v for n, t in self.meta_terms().items() for k, v in t.fusion_state().items()
+        }
+
+    def load_tensor_state(self, state: Mapping[str, Tensor]) -> None:
+        """Restore what :meth:`tensor_state` returned (TGeo-KD, Hu et al. 2024); keys of terms
+        this objective lacks raise ``ValueError``."""
+        meta = self.meta_terms()
+        parts: dict[str, dict[str, Tensor]] = {}
+        for key, v in state.items():
+            term, _, rest = key.partition(".")
+            if term not in meta:
+                raise ValueError(
+                    f"objective state has tensors of term {term!r}, which has no fusion net "
+                    f"here (terms with one: {', '.join(meta) or 'none'})"
+                )
+            parts.setdefault(term, {})[rest] = v
+        for term, st in parts.items():
+            meta[term].load_fusion_state(st)
+
     @property
     def cross_tokenizer(self) -> bool:
         """Whether the objective has cross-tokenizer terms (``uld``, ``gold_hybrid``)."""
@@ -224,11 +284,20 @@ class Objective(nn.Module):
         per-side inputs of cross-tokenizer terms (``teacher_labels``, ``teacher_mask``,
         ``student_offsets``, ``teacher_offsets``, ``vocab_map``; the task
         ``causal_lm_xtok`` builds them); each such term gets the ones its loss lists.
+        ``student_logits`` may be :class:`~mentor.students.dual_head.DualLogits` (a dual-head
+        student in training mode): label-only terms then get ``.label``, teacher terms
+        ``.distill`` (Kang et al., "Simple Semi-supervised Knowledge Distillation from
+        Vision-Language Models via Dual-Head Optimization", 2025).
         """
         seq_extra = {"groups": groups, "rewards": rewards, "spans": spans, "tasks": tasks}
         out: dict[str, Tensor] = {}
         total: Tensor | None = None
+        dual = student_logits if isinstance(student_logits, DualLogits) else None
+        if dual is not None:
+            self.check_dual_head()
         for term, loss in self.terms.items():
+            if dual is not None:  # DHO: label terms -> label head, teacher terms -> distill head
+                student_logits = dual.label if loss.name in LABEL_ONLY else dual.distill
             if term in self.taps:
                 s_tap, t_tap = self.taps[term]
                 if student_features is None or teacher_features is None:
