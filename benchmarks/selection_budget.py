@@ -96,6 +96,29 @@ def _pool_outputs(module: torch.nn.Module, data: Any, collate: Any) -> dict[int,
     return {int(data[i]["index"]): out[i] for i in range(len(data))}
 
 
+_FEATURES: dict[str, torch.Tensor] = {}  # a frozen encoder's pooled features, per recipe
+
+
+def _teacher_outputs(teacher: torch.nn.Module, data: Any, collate: Any,
+                     key: str) -> dict[int, torch.Tensor]:  # fmt: skip
+    """The fitted teacher's outputs on every training example. A frozen encoder's features are
+    computed once per recipe and shared by every fit of its head (they do not change)."""
+    frozen = getattr(teacher, "encoder_frozen", lambda: False)()
+    if not frozen:
+        return _pool_outputs(teacher, data, collate)
+    if key not in _FEATURES:
+        feats = []
+        with torch.no_grad():
+            teacher.eval()
+            for lo in range(0, len(data), 64):
+                b = collate([data[i] for i in range(lo, min(len(data), lo + 64))])
+                feats.append(teacher.pooled(b["input_ids"], b.get("attention_mask")).float())
+        _FEATURES[key] = torch.cat(feats)
+    with torch.no_grad():
+        out = teacher.head(_FEATURES[key]).float()
+    return {int(data[i]["index"]): out[i] for i in range(len(data))}
+
+
 def _train_cfg(cfg: Any, seed: int, steps: int, batch: int) -> Any:
     c = cfg.model_copy(deep=True)
     c.train.seed, c.train.progress, c.eval.every = seed, False, None
@@ -151,6 +174,7 @@ def few_label_arms(recipe: str, over: list[str], fraction: float, seed: int,
     out: dict[str, dict[str, Any]] = {
         "teacher": {"accuracy": heldout_accuracy(teacher_mod, b.val, asm.collate), "labelled": n_lab}
     }  # fmt: skip
+    known = _teacher_outputs(teacher_mod, b.train, asm.collate, recipe)
     arms = {"ce_labelled_only": {"ce": {"weight": 1.0}}, "kd": s["objective"],
             "label_free_kd": LABEL_FREE}  # fmt: skip
     for name, objective in arms.items():
@@ -158,7 +182,7 @@ def few_label_arms(recipe: str, over: list[str], fraction: float, seed: int,
         student = asm.build_student(teacher_mod)
         bs = batch if name == "ce_labelled_only" else cfg.train.batch_size
         c = _train_cfg(cfg, seed, steps, bs)
-        teacher = None if name == "ce_labelled_only" else OnlineTeacher(teacher_mod)
+        teacher = None if name == "ce_labelled_only" else OnlineTeacher(teacher_mod, known=known)
         t0 = time.perf_counter()
         Distiller(student, teacher, objective, b.train, c, task=asm.task,
                   collate_fn=asm.collate, write_run=False).fit()  # fmt: skip
@@ -308,8 +332,8 @@ def markdown(p: dict[str, Any], imgs: dict[str, str]) -> str:
         ]
         if "few" in imgs:
             lines += [f"![few labels]({imgs['few']})", ""]
-    lines.append(C.machine_line(p["machine"]) + " " + p.get("load", "")
-                 + f" Took {p['seconds'] / 60:.1f} min.")  # fmt: skip
+    where = p.get("device_note") or (C.machine_line(p["machine"]) + " " + p.get("load", ""))
+    lines.append(where + f" Took {p['seconds'] / 60:.1f} min.")
     return "\n".join(lines)
 
 

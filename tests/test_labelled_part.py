@@ -282,3 +282,46 @@ def test_mentor_distill_vision_runs_with_every_method(tmp_path):
         assert main(args) == 0, method
         s = json.loads((out / "selection.json").read_text())
         assert s["method"] == method and 30 <= s["teacher_calls"] <= 60
+
+
+# ----------------------------------------------------------------------------- TGeo-KD and DHO runs
+
+
+def test_tgeo_kd_run_learns_its_fusion_and_resumes_exactly(tmp_path):
+    from safetensors.torch import load_file
+
+    over = [*FAST, "objective={tgeo_kd: {temperature: 4.0, hidden: 16}}", "train.max_steps=24"]
+    full = distill(load_config("digits", [f"output.dir={tmp_path / 'full'}", *over]), quiet=True)
+    recs = [json.loads(x) for x in (full.run_dir / "metrics.jsonl").read_text().splitlines()]
+    alphas = [r["tgeo_kd.alpha"] for r in recs if r["kind"] == "train"]
+    assert alphas[-1] != alphas[0] and all(0 < a < 1 for a in alphas)
+    assert all("tgeo_kd.meta_loss" in r for r in recs if r["kind"] == "train")
+    cut = tmp_path / "cut"
+    distill(load_config("digits", [f"output.dir={cut}", *over, "train.max_steps=10",
+                                   "train.checkpoint_every=5"]), quiet=True)  # fmt: skip
+    res = distill(load_config("digits", [f"output.dir={cut}", *over]), resume=True, quiet=True)
+    a = load_file(str(full.run_dir / "student" / "model.safetensors"))
+    b = load_file(str(res.run_dir / "student" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="tgeo_kd.*selection"):
+        distill(load_config("digits", [f"output.dir={tmp_path / 'x'}", *over, *SEL]), quiet=True)
+
+
+def test_dual_head_student_trains_saves_and_reloads(tmp_path):
+    from mentor.assembly import load_run
+    from mentor.students.dual_head import DualHead
+
+    cfg = load_config("digits", [f"output.dir={tmp_path / 'r'}", *FAST, "train.max_steps=20",
+                                 "data.params.labeled=200",
+                                 "student.dual_head={alpha: 0.3, temperature: 2.0}"])  # fmt: skip
+    res = distill(cfg, quiet=True)
+    loaded = load_run(res.run_dir)
+    assert isinstance(loaded.student, DualHead)
+    assert loaded.student.combination() == pytest.approx((0.3, 2.0))
+    ev = evaluate_run(res.run_dir, measure=False)
+    assert ev["models"]["student"]["accuracy"] == pytest.approx(res.metrics["student_accuracy"])
+    bad = load_config("digits", [f"output.dir={tmp_path / 'b'}", *FAST, "train.max_steps=2",
+                                 "student.dual_head={alpha: 0.5}",
+                                 "objective={tgeo_kd: {}}"])  # fmt: skip
+    with pytest.raises(ValueError, match="tgeo_kd"):
+        distill(bad, quiet=True)

@@ -407,11 +407,29 @@ class Assembly:
             break  # one teacher per run directory (ensemble members stay in the shared cache)
 
     # ------------------------------------------------------------------ student and source
-    def build_student(self, teacher: nn.Module | None = None) -> nn.Module:
-        """A fresh student (seeded by ``train.seed``)."""
+    def build_student(self, teacher: nn.Module | None = None, *, dual: bool = True) -> nn.Module:
+        """A fresh student (seeded by ``train.seed``); with ``student.dual_head`` (and ``dual``)
+        wrapped with its second, distillation head."""
         set_seed(self.cfg.train.seed)
         s = self.cfg.student
-        return build_model(s.builder, s.params, self.data.info, teacher, data=self.data.train)
+        model = build_model(s.builder, s.params, self.data.info, teacher, data=self.data.train)
+        if s.dual_head is not None and dual:
+            from mentor.students.dual_head import wrap_dual_head
+
+            if self.data.info.task != "classification":
+                raise ValueError(
+                    "student.dual_head (DHO) applies to classification students; this recipe's "
+                    f"data is {self.data.info.task}"
+                )
+            try:
+                model = wrap_dual_head(
+                    model, alpha=s.dual_head.alpha, temperature=s.dual_head.temperature,
+                    num_classes=self.data.info.num_classes, init=s.dual_head.init,
+                )  # fmt: skip
+            except ValueError as e:
+                raise ValueError(f"student.dual_head: {e}") from None
+            self.objective.check_dual_head()
+        return model
 
     @property
     def student(self) -> nn.Module | None:
@@ -599,6 +617,20 @@ def distill(
         before = {"student_init_perplexity": res["student"]["perplexity"]}
 
     def save_student(model: nn.Module, folder: Path) -> None:
+        dh = cfg.student.dual_head
+        if dh is not None and dh.tune and len(bundle.val):
+            from mentor.students.dual_head import DualHead
+
+            if isinstance(model, DualHead):
+                dev = next(model.parameters()).device
+                batches = (
+                    {k: v.to(dev) if isinstance(v, Tensor) else v for k, v in asm.collate(
+                        [bundle.val[i] for i in range(lo, min(len(bundle.val), lo + 256))]).items()}
+                    for lo in range(0, len(bundle.val), 256)
+                )  # fmt: skip
+                a, b, acc = model.tune_combination(batches)
+                if not quiet:
+                    console.print(f"dual head: alpha {a:g}, temperature {b:g} (held-out {acc:.4f})")
         save_model(model, folder, cfg.student.builder, cfg.student.params, bundle.info)
 
     from mentor.selection import build_selection
@@ -682,7 +714,7 @@ def label_only_student(asm: Assembly, steps: int, *, resume: bool, quiet: bool) 
         )
     set_seed(cfg.train.seed)
     t = asm.module() if student_needs_teacher(cfg) else None
-    model = asm.build_student(t)
+    model = asm.build_student(t, dual=False)  # one head: it only ever sees labels
     if not quiet:
         console.print(f"label-only student: {steps} steps on the labels alone (no teacher)")
     keys = ("lr", "weight_decay", "schedule", "warmup_steps", "grad_clip", "seed", "batch_size",

@@ -142,11 +142,27 @@ def _explain_options(err: ValidationError, source: str) -> str:
     return "; ".join(parts)
 
 
+class DualHeadConfig(_Strict):
+    """Dual-head distillation (DHO; Kang et al., "Simple Semi-supervised Knowledge Distillation
+    from Vision-Language Models via Dual-Head Optimization", 2025): the student's classifier
+    head learns from the labels, a second head from the teacher, and inference combines them
+    as ``log(alpha·softmax(h_label) + (1-alpha)·softmax(h_distill / temperature))``. ``tune``
+    picks (alpha, temperature) on the held-out split after training (optimistic: the same split
+    then measures the student)."""
+
+    alpha: float = Field(0.5, ge=0, le=1)
+    temperature: float = Field(1.0, gt=0)
+    init: Literal["fresh", "copy"] = "fresh"
+    tune: bool = False
+
+
 class StudentConfig(_Strict):
-    """How the student is built (a registered builder name and its parameters)."""
+    """How the student is built (a registered builder name and its parameters); ``dual_head``
+    adds DHO's second (distillation) head to a classification student."""
 
     builder: str = "mlp"
     params: dict[str, Any] = Field(default_factory=dict)
+    dual_head: DualHeadConfig | None = None
 
 
 class DataConfig(_Strict):

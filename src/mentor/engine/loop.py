@@ -341,6 +341,16 @@ class Distiller:
             self.train_data = _labelled_part(train_data, objective, teacher_terms)
         if selection is not None:
             _apply_selection_rules(selection, objective, teacher_terms)
+        self.meta_data: Dataset | None = None  # tgeo_kd: labelled examples held out for φ
+        if objective.meta_terms():
+            if selection is not None:
+                raise ValueError(
+                    "tgeo_kd learns its fusion weights on held-out labelled examples; with a "
+                    "selection section the training set is the paid pool: drop one of them"
+                )
+            self.train_data, self.meta_data = _meta_split(
+                self.train_data, self.task.name, config.train.seed, list(objective.meta_terms())
+            )
         self.model = DistillModule(student, objective, self.task, config.train.fused_loss_chunk)
         if config.generation.mode != "off":
             _check_generation(config, self.task, train_data)
@@ -498,7 +508,47 @@ class Distiller:
             self.replay.load_state_tensors(saved)
 
     def _rank_tensors(self) -> dict[str, dict[str, Tensor]] | None:
-        return {"replay": self.replay.state_tensors()} if self.replay is not None else None
+        out = {"replay": self.replay.state_tensors()} if self.replay is not None else {}
+        meta = self.model.objective.tensor_state()  # tgeo_kd's fusion net and its optimizer
+        if meta:
+            out["objective"] = meta
+        return out or None
+
+    def _meta_batch(self, step: int) -> dict[str, Any]:
+        """The held-out labelled batch of ``step`` for a meta term (the same on resume)."""
+        assert self.meta_data is not None
+        n = len(self.meta_data)
+        b = min(self.cfg.train.batch_size, n)
+        per = max(1, n // b)
+        g = torch.Generator().manual_seed(self.cfg.train.seed * 7_919 + step // per + 13)
+        perm = torch.randperm(n, generator=g)
+        lo = (step % per) * b
+        return self.collate([self.meta_data[int(i)] for i in perm[lo : lo + b]])
+
+    def _meta_steps(
+        self, window: list[dict[str, Any]], step: int, lr: float, acc: Any
+    ) -> dict[str, float]:
+        """One bilevel update of each meta term's fusion net (TGeo-KD) before this step."""
+        out: dict[str, float] = {}
+        meta = self.model.objective.meta_terms()
+        if not meta:
+            return out
+        b0 = window[0]
+        t_logits = self._teacher_output(b0).logits
+        meta_batch = _to_device(self._meta_batch(step), acc.device)
+
+        def forward(m: nn.Module, b: dict[str, Any]) -> Tensor:
+            return self.task.loss_view(model_outputs(m, b), None, b)[0]
+
+        world = acc.num_processes
+        for name, term in meta.items():
+            out[f"{name}.meta_loss"] = float(
+                term.meta_step(
+                    self.model.student, forward, b0, t_logits, meta_batch, inner_lr=lr,
+                    reduce=(lambda g: acc.reduce(g, "mean") / world) if world > 1 else None,
+                )
+            )  # fmt: skip
+        return out
 
     def _generator_model(self) -> nn.Module:
         if self.cfg.generation.mode != "seq_kd":
@@ -662,6 +712,10 @@ class Distiller:
             def restore(folder: Path) -> None:
                 if self.replay is not None:
                     self._restore_replay(folder, rank, acc)
+                if objective.meta_terms():
+                    st = ckpt.load_rank_tensors(folder, "objective", rank)
+                    if st is not None:
+                        objective.load_tensor_state(st)
 
             loaded = ckpt.load_latest(
                 self.out, acc, self.model, optimizer, scheduler, self.teacher, restore=restore
@@ -711,6 +765,8 @@ class Distiller:
                 window = self._generate(window, state["step"], rank, acc.device)
                 if self._cut_logits:  # the loss counts completion tokens only
                     window = [_logits_from_prompt_end(b) for b in window]
+                meta_values = self._meta_steps(window, state["step"],
+                                               scheduler.get_last_lr()[0], acc)  # fmt: skip
                 counts = [self.task.count_positions(b) for b in window]
                 n_global = acc.reduce(torch.tensor(float(sum(counts)), device=acc.device), "sum")
                 n_global = max(float(n_global), 1.0)
@@ -748,6 +804,10 @@ class Distiller:
 
                 # 4. per-step hooks: EMA teacher, TAID schedule, weight/temperature schedules
                 values = {k: float(acc.reduce(v, "sum")) / n_global for k, v in step_terms.items()}
+                values.update(meta_values)
+                for name, term in objective.meta_terms().items():
+                    if term.last_alpha is not None:
+                        values[f"{name}.alpha"] = float(term.last_alpha)
                 if self.teacher is not None:
                     self.teacher.after_step(self.model.student)
                 objective.after_step(step - 1, total, values)
@@ -942,6 +1002,34 @@ def _labelled_part(data: Dataset, objective: Objective, teacher_terms: list[str]
     if teacher_terms:
         return data
     return torch.utils.data.Subset(data, torch.nonzero(has).flatten().tolist())
+
+
+def _meta_split(data: Dataset, task: str, seed: int, terms: list[str]) -> tuple[Dataset, Dataset]:
+    """Hold out 10% of the labelled training examples (at least one) for the fusion net of a
+    meta term (``tgeo_kd``'s upper level); the rest trains the student."""
+    if task != "classification":
+        raise ValueError(
+            f"objective term(s) {', '.join(terms)} (tgeo_kd) need classification data; this "
+            f"run's task is {task}"
+        )
+    from mentor.data.sources import labeled_mask
+
+    has = labeled_mask(data)
+    pos = torch.arange(len(data)) if has is None else torch.nonzero(has).flatten()  # labelled
+    if len(pos) < 2:
+        raise ValueError(
+            f"objective term(s) {', '.join(terms)} learn their fusion weights on held-out "
+            "labelled examples, and the training data has fewer than 2 labels"
+        )
+    g = torch.Generator().manual_seed(seed + 4_242)
+    perm = pos[torch.randperm(len(pos), generator=g)]
+    n_meta = max(1, len(pos) // 10)
+    meta = set(perm[:n_meta].tolist())
+    keep = [i for i in range(len(data)) if i not in meta]
+    return (
+        torch.utils.data.Subset(data, keep),
+        torch.utils.data.Subset(data, sorted(meta)),
+    )
 
 
 def _apply_selection_rules(selection: Any, objective: Objective, teacher_terms: list[str]) -> None:

@@ -127,8 +127,13 @@ def save_model(
     from mentor.models.hf import hf_core, save_hf
     from mentor.models.tfidf import TfidfMLP
 
+    from mentor.students.dual_head import DualHead, save_dual_head
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    dual = None
+    if isinstance(model, DualHead):  # the inner student as usual, plus the second head
+        dual, model = model, model.student
     if hf_core(model) is not None:
         tok = None
         if info.tokenizer:
@@ -145,6 +150,8 @@ def save_model(
         tmp.replace(folder / "model.safetensors")
         meta = {"format": "builder"}
     meta.update(builder=builder, params=params, info=dataclasses.asdict(info))
+    if dual is not None:
+        meta.update(save_dual_head(dual, folder))
     (folder / "mentor_model.json").write_text(json.dumps(meta, indent=2, default=str))
     return folder
 
@@ -168,13 +175,18 @@ def load_model(folder: str | Path) -> tuple[nn.Module, DataInfo]:
     if fmt in ("hf", "hf_adapter"):
         from mentor.models.hf import load_hf
 
-        return load_hf(folder, meta).eval(), info
-    if fmt == "tfidf_mlp":
+        model = load_hf(folder, meta).eval()
+    elif fmt == "tfidf_mlp":
         from mentor.models.tfidf import TfidfMLP
 
-        return TfidfMLP.load(folder, meta).eval(), info
-    model = build_model(meta["builder"], meta["params"], info)
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+        model = TfidfMLP.load(folder, meta).eval()
+    else:
+        model = build_model(meta["builder"], meta["params"], info)
+        model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    if "dual_head" in meta:  # DHO: wrap the inner student again with its distillation head
+        from mentor.students.dual_head import load_dual_head
+
+        model = load_dual_head(model, folder, meta)
     return model, info
 
 
