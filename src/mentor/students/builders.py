@@ -126,7 +126,6 @@ def save_model(
     """
     from mentor.models.hf import hf_core, save_hf
     from mentor.models.tfidf import TfidfMLP
-
     from mentor.students.dual_head import DualHead, save_dual_head
 
     folder = Path(folder)
