@@ -652,7 +652,13 @@ def distill(
         selection=selection,
     )
     base = None
-    if cfg.eval.label_only:  # is distilling worth it? the same student on labels alone first
+    label_only = cfg.eval.label_only and asm.uses_teacher
+    if label_only and selection is not None and "labeled" not in bundle.info.extra:
+        label_only = False  # the pool counts as unlabelled: there are no labels to train on
+        if not quiet:
+            console.print("eval.label_only skipped: with a selection section and no "
+                          "data.params.labeled the training pool counts as unlabelled")  # fmt: skip
+    if label_only:  # is distilling worth it? the same student on labels alone first
         base = label_only_student(asm, distiller.total_steps(), resume=resume, quiet=quiet)
         check = worth_distilling(asm, t_module, base.model, quiet=quiet)
         base.metrics.update(check)
