@@ -289,9 +289,13 @@ def markdown(p: dict[str, Any], imgs: dict[str, str]) -> str:
                 continue
             m, v = max(others.items(), key=lambda kv: kv[1]["mean"])
             spread = max(r["std"], v["std"])
-            beats = "beats" if v["mean"] - r["mean"] > spread else "does not clearly beat"
-            verdict.append(f"{100 * f:g}%: best {m} {100 * (v['mean'] - r['mean']):+.1f} points vs "
-                           f"random ({beats} it: seed std {100 * spread:.1f})")  # fmt: skip
+            paired = _ms([a["accuracy"] - b["accuracy"] for a, b in
+                          zip(bu["arms"][f"{m}@{f}"]["runs"], bu["arms"][f"random@{f}"]["runs"])])  # fmt: skip
+            gap = v["mean"] - r["mean"]
+            beats = "more than" if gap > spread else "within"
+            verdict.append(f"{100 * f:g}%: best {m} {100 * gap:+.1f} points vs random, {beats} "
+                           f"the seed std ({100 * spread:.1f}); same-seed difference "
+                           f"{100 * paired['mean']:+.1f} ± {100 * paired['std']:.1f}")  # fmt: skip
         lines += [
             f"**(b) Accuracy vs teacher-call budget.** Teacher fitted on all {bu['pool']:,} "
             f"training labels (held-out accuracy {100 * bu['teacher_accuracy']:.1f}%); the pool's "
@@ -355,6 +359,8 @@ def plots(p: dict[str, Any]) -> dict[str, Path]:
                         marker="o", capsize=3, label=m, lw=2.2 if m == "random" else 1.2)  # fmt: skip
         ax.axhline(100 * p["budget"]["teacher_accuracy"], ls="--", c="gray", label="teacher")
         ax.set_xscale("log")
+        ax.set_xticks(xs, [f"{x:g}%" for x in xs])
+        ax.minorticks_off()
         ax.set_xlabel("teacher calls (% of the pool)")
         ax.set_ylabel("student held-out accuracy (%)")
         ax.legend(fontsize=7, ncol=2)
@@ -367,6 +373,9 @@ def plots(p: dict[str, Any]) -> dict[str, Path]:
             ax.errorbar([100 * float(f) for f in fr], [100 * x["mean"] for x in a],
                         yerr=[100 * x["std"] for x in a], marker="o", capsize=3, label=arm)  # fmt: skip
         ax.set_xscale("log")
+        ticks = [100 * float(f) for f in fr]
+        ax.set_xticks(ticks, [f"{x:g}%" for x in ticks])
+        ax.minorticks_off()
         ax.set_xlabel("labelled part of the training set (%)")
         ax.set_ylabel("held-out accuracy (%)")
         ax.legend(fontsize=8)
