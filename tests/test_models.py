@@ -160,3 +160,18 @@ def test_gguf_tokenizer_keeps_its_chat_template(tmp_path, monkeypatch):
     msgs = [{"role": "user", "content": "hi"}]
     text = again.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     assert "hi" in text and text != "hi"
+
+
+def test_tfidf_rows_are_cached_and_equal_a_fresh_transform():
+    from mentor.models.tfidf import TfidfMLP
+
+    texts = ["the cat sat on the mat", "dogs bark at night", "the cat and the dog", "markets fell"]
+    m = TfidfMLP.from_texts(texts * 2, 3, min_df=1)
+    ref = m._tfidf(texts).toarray()
+    assert (m.tfidf(texts).toarray() == ref).all()
+    assert len(m._rows) == 4
+    assert (m.tfidf(texts[::-1]).toarray() == ref[::-1]).all()  # all from the cache
+    mixed = m.tfidf(["a new text about cats", texts[1]]).toarray()
+    assert (mixed[1] == ref[1]).all() and len(m._rows) == 5
+    m.load_state_dict(m.state_dict())  # a (possibly) new idf drops the cached rows
+    assert len(m._rows) == 0

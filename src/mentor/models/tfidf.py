@@ -62,6 +62,7 @@ class TfidfMLP(nn.Module):
         self.out_dim = int(out_dim)
         self.register_buffer("idf", torch.as_tensor(np.asarray(idf, dtype=np.float32)))
         self._vec = _vectorizer({t: i for i, t in enumerate(self.terms)}, self.ngram_range)
+        self._rows: dict[str, Any] = {}  # text -> its TF-IDF row (see tfidf)
         dims = [len(self.terms), *self.hidden, self.out_dim]
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
         self.dropout = nn.Dropout(dropout)
@@ -95,8 +96,37 @@ class TfidfMLP(nn.Module):
             terms[i] = t
         return cls(terms, vec.idf_, out_dim, ngram_range=ngram_range, **kw)
 
+    ROW_CACHE = 200_000  # TF-IDF rows of this many distinct texts are kept (training repeats them)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        getattr(self, "_rows", {}).clear()  # new idf: cached rows are stale
+        super()._load_from_state_dict(*args, **kwargs)
+
     def tfidf(self, texts: Sequence[str]) -> Any:
-        """Sparse TF-IDF rows as a SciPy CSR matrix ``[B, V]`` (sublinear tf, idf, L2 rows)."""
+        """Sparse TF-IDF rows as a SciPy CSR matrix ``[B, V]`` (sublinear tf, idf, L2 rows).
+
+        Rows of texts seen before come from a cache (the vocabulary and idf are fixed, and
+        training sees the same texts every epoch); the cache holds up to ``ROW_CACHE`` texts.
+        """
+        import scipy.sparse as sp
+
+        texts = list(texts)
+        rows = getattr(self, "_rows", None)
+        if rows is None:
+            rows = self._rows = {}
+        missing = list(dict.fromkeys(t for t in texts if t not in rows))
+        if len(rows) + len(missing) > self.ROW_CACHE:  # full: start again
+            rows.clear()
+            return self._tfidf(texts)
+        if missing:
+            fresh = self._tfidf(missing)
+            for i, t in enumerate(missing):
+                rows[t] = fresh[i]
+            if len(missing) == len(texts):
+                return fresh if missing == texts else sp.vstack([rows[t] for t in texts]).tocsr()
+        return sp.vstack([rows[t] for t in texts]).tocsr()
+
+    def _tfidf(self, texts: list[str]) -> Any:
         x = self._vec.transform(list(texts)).tocsr()
         if self.sublinear_tf:
             x.data = 1.0 + np.log(x.data)
