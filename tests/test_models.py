@@ -175,3 +175,30 @@ def test_tfidf_rows_are_cached_and_equal_a_fresh_transform():
     assert (mixed[1] == ref[1]).all() and len(m._rows) == 5
     m.load_state_dict(m.state_dict())  # a (possibly) new idf drops the cached rows
     assert len(m._rows) == 0
+
+
+def test_teacher_fit_encoder_finetune_and_auto(tiny_bert):
+    """``teacher.fit.encoder``: finetune trains the encoder too (then freezes it); auto fits
+    both ways on all but a held-out part of the labels and keeps the more accurate one."""
+    import copy
+
+    from mentor.assembly import fit_on_labels
+    from mentor.data.text import synthetic_text
+    from mentor.selection import heldout_accuracy
+
+    bundle = synthetic_text(vocab_size=128, n=160, max_length=16, val_fraction=0.25, seed=0)
+    fit = {"epochs": 20, "lr": 1e-2, "batch_size": 32, "finetune_epochs": 6, "finetune_lr": 1e-3}
+    clf = HFClassifier(copy.deepcopy(tiny_bert), 3)
+    before = clf.encoder.embeddings.word_embeddings.weight.clone()
+    fit_on_labels(clf, bundle, {**fit, "encoder": "finetune"}, progress=False)
+    assert not torch.equal(before, clf.encoder.embeddings.word_embeddings.weight)
+    assert clf.encoder_frozen() and not any(p.requires_grad for p in clf.parameters())
+    auto = HFClassifier(copy.deepcopy(tiny_bert), 3)
+    fit_on_labels(auto, bundle, {**fit, "encoder": "auto"}, progress=False)
+    ch = auto.fit_choice
+    assert ch["dev_examples"] == round(0.15 * len(bundle.train))
+    best = max(ch["frozen_dev_accuracy"], ch["finetuned_dev_accuracy"])
+    assert ch["encoder"] == "fine-tuned" and ch["finetuned_dev_accuracy"] > ch["frozen_dev_accuracy"]
+    assert 0.0 <= best <= 1.0 and heldout_accuracy(auto, bundle.val, bundle.collate) > 1 / 3
+    with pytest.raises(ValueError, match="teacher.fit.encoder=auto applies to encoder"):
+        fit_on_labels(torch.nn.Linear(4, 3), bundle, {"encoder": "auto"}, progress=False)

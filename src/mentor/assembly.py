@@ -17,6 +17,7 @@ objective → losses, data, models.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -193,6 +194,13 @@ def fit_on_labels(
     ``weight_decay``); returns ``model`` in eval mode.
     """
     fit = fit if isinstance(fit, FitConfig) else FitConfig(**(fit or {}))
+    if fit.encoder != "as_built":
+        if not hasattr(model, "encoder_frozen"):
+            raise ValueError(
+                f"teacher.fit.encoder={fit.encoder} applies to encoder classifiers "
+                f"(hf_classifier); this {label} is a {type(model).__name__}"
+            )
+        return _fit_encoder(model, bundle, fit, seed, label=label, progress=progress)
     data, task = bundle.train, bundle.info.task
     has = labeled_mask(data) if task == "classification" else None
     if has is not None and not bool(has.all()):  # data.params.labeled: the labelled part only
@@ -237,6 +245,79 @@ def fit_on_labels(
             trainee.eval()
             out = torch.cat([trainee(data.inputs[i : i + 1024]) for i in range(0, len(data), 1024)])
         known.update({int(i): z for i, z in zip(data.ids, out.float())})
+    return model.eval()
+
+
+def _finetune(
+    model: nn.Module, bundle: DataBundle, fit: FitConfig, seed: int, progress: bool
+) -> None:
+    """Train the whole encoder classifier (encoder and head) on the labelled examples."""
+    has = labeled_mask(bundle.train)
+    data = bundle.train
+    if has is not None and not bool(has.all()):
+        data = torch.utils.data.Subset(data, torch.nonzero(has).flatten().tolist())
+    for prm in model.parameters():
+        prm.requires_grad_(True)
+    bs = min(fit.batch_size, len(data))
+    steps = max(1, math.ceil(fit.finetune_epochs * max(1, len(data) // bs)))
+    torch.manual_seed(seed)
+    Distiller(
+        model, None, "ce", data, task="classification", collate_fn=bundle.collate or default_collate,
+        write_run=False, max_steps=steps, batch_size=bs, lr=fit.finetune_lr, schedule="linear",
+        warmup_steps=max(1, steps // 10), grad_clip=1.0, seed=seed, log_every=steps,
+        progress=progress,
+    ).fit()  # fmt: skip
+    for prm in model.parameters():  # a fitted teacher is frozen again
+        prm.requires_grad_(False)
+    model.eval()
+
+
+def _fit_encoder(
+    model: nn.Module, bundle: DataBundle, fit: FitConfig, seed: int, *, label: str, progress: bool
+) -> nn.Module:
+    """``teacher.fit.encoder``: fine-tune the encoder, or choose frozen vs fine-tuned on a
+    held-out part of the labelled examples (``auto``)."""
+    head_only = fit.model_copy(update={"encoder": "as_built"})
+    for prm in model.encoder.parameters():  # the head is fitted on frozen features first
+        prm.requires_grad_(False)
+    if fit.encoder == "finetune":
+        fit_on_labels(model, bundle, head_only, seed, label=label, progress=progress)
+        _finetune(model, bundle, fit, seed, progress)
+        return model
+    has = labeled_mask(bundle.train)
+    pos = torch.arange(len(bundle.train)) if has is None else torch.nonzero(has).flatten()
+    if len(pos) < 4:
+        raise ValueError(
+            f"teacher.fit.encoder=auto holds out part of the labelled examples to choose; "
+            f"there are only {len(pos)}"
+        )
+    g = torch.Generator().manual_seed(seed + 31)
+    perm = pos[torch.randperm(len(pos), generator=g)]
+    n_dev = max(1, int(round(fit.dev_fraction * len(pos))))
+    dev = sorted(perm[:n_dev].tolist())
+    labels = bundle.train.labels.clone()  # the dev part's labels are hidden from fitting
+    labels[torch.as_tensor(dev)] = -100
+    part = copy.copy(bundle.train)
+    part.labels = labels
+    sub = dataclasses.replace(bundle, train=part)
+    dev_data = torch.utils.data.Subset(bundle.train, dev)
+    collate = bundle.collate or default_collate
+    from mentor.selection import heldout_accuracy
+
+    fit_on_labels(model, sub, head_only, seed, label=label, progress=progress)
+    frozen_acc = heldout_accuracy(model, dev_data, collate)
+    tuned = copy.deepcopy(model)
+    _finetune(tuned, sub, fit, seed, progress)
+    tuned_acc = heldout_accuracy(tuned, dev_data, collate)
+    keep = "fine-tuned" if tuned_acc > frozen_acc else "frozen"
+    console.print(
+        f"{label}: frozen encoder {100 * frozen_acc:.1f}% vs fine-tuned {100 * tuned_acc:.1f}% "
+        f"on {n_dev} held-out labelled examples: keeping the {keep} encoder"
+    )
+    if keep == "fine-tuned":
+        model.load_state_dict(tuned.state_dict())
+    model.fit_choice = {"encoder": keep, "frozen_dev_accuracy": frozen_acc,
+                        "finetuned_dev_accuracy": tuned_acc, "dev_examples": n_dev}  # fmt: skip
     return model.eval()
 
 

@@ -47,6 +47,14 @@ class FitConfig(_Strict):
     lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(64, ge=1)
     weight_decay: float = Field(0.0, ge=0)
+    # encoder classifiers (hf_classifier): "as_built" trains what the builder left trainable
+    # (a frozen encoder: the head only); "finetune" fits the head, then the whole model for
+    # finetune_epochs at finetune_lr; "auto" holds out dev_fraction of the labelled examples,
+    # fits both ways on the rest and keeps the one more accurate on the held-out part
+    encoder: Literal["as_built", "finetune", "auto"] = "as_built"
+    finetune_epochs: float = Field(2.0, gt=0)
+    finetune_lr: float = Field(3e-5, gt=0)
+    dev_fraction: float = Field(0.15, gt=0, lt=1)
 
 
 COMMON_TEACHER_KEYS = ("source", "builder", "params", "path", "fit", "precision")
