@@ -37,6 +37,13 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "served_teacher": ("benchmarks.served_teacher", ["--quick"]),
     "xtok": ("benchmarks.xtok", ["--quick"]),
     "active_labels": ("benchmarks.active_labels", ["--quick"]),
+    "selection_budget_vision": ("benchmarks.selection_budget", ["--quick"]),
+    "selection_budget_text": ("benchmarks.selection_budget", ["--quick"]),
+}
+# full-run arguments where a module serves several benchmarks
+FULL_ARGS = {
+    "selection_budget_vision": ["--recipe", "vision"],
+    "selection_budget_text": ["--recipe", "text"],
 }
 EXPECTED_MIN = {
     "engine_overhead": 2,
@@ -51,6 +58,8 @@ EXPECTED_MIN = {
     "served_teacher": 5,
     "xtok": 12,
     "active_labels": 40,
+    "selection_budget_vision": 90,
+    "selection_budget_text": 60,
 }
 
 INTRO = """# Benchmarks
@@ -92,6 +101,17 @@ def summary() -> list[str]:
             f"Engine overhead: mentor / minimal PyTorch loop throughput "
             f"{e['ratio_mentor_over_minimal']:.2f} (target ≥ 0.9); KD-MFU {e['kd_mfu']:.1%}."
         )
+    for key in ("vision", "text"):
+        sb = read_json(f"selection_budget_{key}")
+        if sb and "budget" in sb:
+            st, arms = sb["settings"], sb["budget"]["arms"]
+            f = st["budgets"][0]
+            r = arms[f"random@{f}"]["accuracy"]["mean"]
+            best = max((m for m in st["methods"] if m != "random"),
+                       key=lambda m: arms[f"{m}@{f}"]["accuracy"]["mean"])  # fmt: skip
+            v = arms[f"{best}@{f}"]["accuracy"]["mean"]
+            out.append(f"Selection ({st['recipe']}), {100 * f:g}% of the pool paid: best method "
+                       f"{best} {100 * (v - r):+.1f} points vs random.")  # fmt: skip
     t = read_json("trl_compare")
     if t:
         for r in t["rows"]:
@@ -218,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     t_all = time.perf_counter()
     for name in names:
         module, quick_args = BENCHMARKS[name]
-        cmd = [sys.executable, "-m", module, *(quick_args if a.quick else [])]
+        cmd = [sys.executable, "-m", module, *(quick_args if a.quick else FULL_ARGS.get(name, []))]
         print(f"\n=== {name}: {' '.join(cmd[1:])}", flush=True)
         t0 = time.perf_counter()
         try:
