@@ -60,7 +60,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "recipe": "text-classifier",
         "over": [
             "student.builder=tfidf_mlp",
-            "student.params={hidden: [64]}",
+            "student.params={hidden: [64], max_features: 5000}",
             "train.batch_size=32",
             "train.lr=3.0e-3",
             "train.schedule=constant",
@@ -69,7 +69,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "budgets": [0.02, 0.05, 0.1, 0.25],
         "fractions": [0.01, 0.02, 0.05, 0.1, 0.25],
         "rounds": 4,
-        "min_steps_per_round": 40,
+        "min_steps_per_round": 20,
         "objective": {"kd": {"weight": 0.5, "temperature": 2.0}, "ce": {"weight": 0.5}},
     },
     "quick": {

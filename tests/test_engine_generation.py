@@ -431,9 +431,10 @@ def _objective_for(signal):
     names = [n for n in ROWWISE if n != "taid" and kind in ROWWISE[n][0]().teachers]
     names += ["taid"]
     if signal == "dense":
-        names += [
-            n for n in LOSSES.names() if LOSSES.get(n).inputs == "logits" and n not in ROWWISE
-        ]
+        names += [  # tgeo_kd learns its fusion on held-out labelled examples: classification
+            n for n in LOSSES.names()
+            if LOSSES.get(n).inputs == "logits" and n not in ROWWISE and n != "tgeo_kd"
+        ]  # fmt: skip
         names += ["tsd_kd", "mgsr_span"]
     names += ["kepo", "paced"]
     return {n: {"weight": 1.0} for n in names}
