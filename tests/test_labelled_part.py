@@ -346,3 +346,13 @@ def test_mentor_distill_text_classifier_runs_with_every_method(tmp_path):
         assert main(args) == 0, method
         s = json.loads((out / "selection.json").read_text())
         assert s["method"] == method and 8 <= s["teacher_calls"] <= 24
+
+
+def test_a_train_filter_never_leaves_a_round_without_a_batch(tmp_path):
+    """LLKD may keep fewer examples than one batch: the teacher's surest paid ones fill it up
+    (before, the engine looped over empty epochs forever)."""
+    res = distill(load_config("digits", [f"output.dir={tmp_path / 'r'}", *FAST, *SEL[:-1],
+                                         "selection.method=llkd", "train.batch_size=90",
+                                         "train.max_steps=6"]), quiet=True)  # fmt: skip
+    rounds = json.loads((res.run_dir / "selection.json").read_text())["rounds"]
+    assert rounds and all(r["trained_on"] >= 90 for r in rounds)

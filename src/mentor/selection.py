@@ -429,6 +429,7 @@ class Selection:
         self.records: list[dict[str, Any]] = []
         self.kept: dict[int, list[int]] = {}  # round -> ids trained on (train filters)
         self.llkd_state: Any = None  # LLKD's moving-average thresholds
+        self.min_train = 1  # a round trains on at least this many (the engine: one batch)
 
     # ---------------------------------------------------------------- sizes
     def size(self, epoch: int) -> int:
@@ -568,8 +569,11 @@ class Selection:
             keep = selectors.kd3_select(t, s)
         keep = keep.bool().tolist()
         out = [i for i, k, p in zip(paid, keep, pos) if k or self._labelled(p)]
-        if not out:  # nothing passes: train on everything rather than on nothing
-            out = list(paid)
+        if len(out) < self.min_train:  # too few pass for one batch: the teacher's surest join
+            conf = t.max(-1).values
+            rest = [paid[j] for j in torch.sort(-conf, stable=True).indices.tolist()
+                    if paid[j] not in set(out)]  # fmt: skip
+            out = out + rest[: self.min_train - len(out)]
         self.kept = {rnd: out}
         return out
 

@@ -341,6 +341,8 @@ class Distiller:
             self.train_data = _labelled_part(train_data, objective, teacher_terms)
         if selection is not None:
             _apply_selection_rules(selection, objective, teacher_terms)
+            t = config.train
+            selection.min_train = t.batch_size * t.grad_accum
         self.meta_data: Dataset | None = None  # tgeo_kd: labelled examples held out for φ
         if objective.meta_terms():
             if selection is not None:
@@ -754,9 +756,17 @@ class Distiller:
             while state["step"] < total:
                 # 1. gather this step's micro-batches (so the count of positions is known)
                 window = []
+                empty = 0  # epochs in a row that gave no batch
                 while len(window) < t.grad_accum:
                     batch = next(batches, None)
                     if batch is None:
+                        empty = empty + 1 if state["pos"] == 0 else 1
+                        if empty > 2:
+                            raise ValueError(
+                                f"epoch {state['epoch']} has fewer training examples than one "
+                                f"batch (train.batch_size={t.batch_size} x {world} process(es)): "
+                                "lower train.batch_size"
+                            )
                         state["epoch"], state["pos"] = state["epoch"] + 1, 0
                         batches = self._batches(state["epoch"], 0, rank, world)
                         continue
