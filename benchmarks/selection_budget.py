@@ -338,6 +338,8 @@ def markdown(p: dict[str, Any], imgs: dict[str, str]) -> str:
             *rows,
             "",
         ]
+        if p.get("few_note"):
+            lines += [p["few_note"], ""]
         if "few" in imgs:
             lines += [f"![few labels]({imgs['few']})", ""]
     where = p.get("device_note") or (C.machine_line(p["machine"]) + " " + p.get("load", ""))
