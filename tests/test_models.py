@@ -198,7 +198,9 @@ def test_teacher_fit_encoder_finetune_and_auto(tiny_bert):
     ch = auto.fit_choice
     assert ch["dev_examples"] == round(0.15 * len(bundle.train))
     best = max(ch["frozen_dev_accuracy"], ch["finetuned_dev_accuracy"])
-    assert ch["encoder"] == "fine-tuned" and ch["finetuned_dev_accuracy"] > ch["frozen_dev_accuracy"]
+    assert (
+        ch["encoder"] == "fine-tuned" and ch["finetuned_dev_accuracy"] > ch["frozen_dev_accuracy"]
+    )
     assert 0.0 <= best <= 1.0 and heldout_accuracy(auto, bundle.val, bundle.collate) > 1 / 3
     with pytest.raises(ValueError, match="teacher.fit.encoder=auto applies to encoder"):
         fit_on_labels(torch.nn.Linear(4, 3), bundle, {"encoder": "auto"}, progress=False)
