@@ -39,6 +39,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "active_labels": ("benchmarks.active_labels", ["--quick"]),
     "selection_budget_vision": ("benchmarks.selection_budget", ["--quick"]),
     "selection_budget_text": ("benchmarks.selection_budget", ["--quick"]),
+    "kd_full_data": ("benchmarks.kd_full_data", ["--quick"]),
 }
 # full-run arguments where a module serves several benchmarks
 FULL_ARGS = {
@@ -60,6 +61,7 @@ EXPECTED_MIN = {
     "active_labels": 40,
     "selection_budget_vision": 90,
     "selection_budget_text": 60,
+    "kd_full_data": 30,
 }
 
 INTRO = """# Benchmarks
