@@ -116,9 +116,33 @@ def markdown(p: dict[str, Any]) -> str:
         "",
         *rows,
         "",
+        *_reading(arms),
         C.machine_line(p["machine"]) + " " + p.get("load", "")
         + f" Took {p['seconds'] / 60:.1f} min.",
     ])  # fmt: skip
+
+
+def _reading(arms: dict[str, Any]) -> list[str]:
+    """What the numbers say (derived from them, so it follows a re-run)."""
+    if not {"no_kd", "recipe", "strong_teacher", "long", "long_no_kd"} <= set(arms):
+        return []
+    t = statistics.mean(r["teacher_accuracy"] for r in arms["recipe"]["runs"])
+    ts = statistics.mean(r["teacher_accuracy"] for r in arms["strong_teacher"]["runs"])
+    nk, lnk = arms["no_kd"]["accuracy"]["mean"], arms["long_no_kd"]["accuracy"]["mean"]
+    best = max((a for a in arms if a not in ("no_kd", "long_no_kd")),
+               key=lambda a: arms[a]["minus_no_kd"]["mean"])  # fmt: skip
+    return [
+        f"Reading: the recipe's teacher ({100 * t:.1f}%) is only {100 * (t - nk):+.1f} points above "
+        f"the student trained on labels alone for 2 epochs and {100 * (t - lnk):+.1f} below it "
+        f"after 6; no change of temperature, CE weight or length makes KD beat labels alone (best "
+        f"arm `{best}`: {100 * arms[best]['minus_no_kd']['mean']:+.2f}), and a better-fitted teacher "
+        f"({100 * ts:.1f}%) does not either. With every label this teacher is not far enough ahead "
+        "of the student, so pulling the student towards it costs accuracy — the case "
+        "`eval.label_only` (on in the `vision` recipe) now reports before distilling. Distillation "
+        'pays here with few labels or a stronger teacher (section "Teacher budgets and data '
+        'selection").',
+        "",
+    ]
 
 
 def publish(p: dict[str, Any]) -> None:
