@@ -330,6 +330,11 @@ def method_names() -> list[str]:
     return sorted(METHODS)
 
 
+def _shuffled(xs: list[int], g: torch.Generator) -> list[int]:
+    """``xs`` in a random order drawn from ``g``."""
+    return [xs[int(k)] for k in torch.randperm(len(xs), generator=g)]
+
+
 def _domain_of(item: dict[str, Any], field: str) -> int | None:
     v = item.get(field)
     if v is None:
@@ -430,6 +435,7 @@ class Selection:
         self.kept: dict[int, list[int]] = {}  # round -> ids trained on (train filters)
         self.llkd_state: Any = None  # LLKD's moving-average thresholds
         self.min_train = 1  # a round trains on at least this many (the engine: one batch)
+        self._logged: set[int] = set()  # rounds whose training subset was recorded
 
     # ---------------------------------------------------------------- sizes
     def size(self, epoch: int) -> int:
@@ -512,12 +518,10 @@ class Selection:
         first = self.teacher.spent == 0
         labelled = [p for p in unpaid if self._labelled(p)]
         if labelled:  # the labelled part is paid first: its examples get both signals
-            order = [labelled[int(k)] for k in torch.randperm(len(labelled), generator=g)]
-            return order[:need], "labelled"
+            return _shuffled(labelled, g)[:need], "labelled"
         acquire = self.spec.acquire
         if first or acquire == "random":
-            order = [unpaid[int(k)] for k in torch.randperm(len(unpaid), generator=g)]
-            return order[:need], "random"
+            return _shuffled(unpaid, g)[:need], "random"
         if acquire == "scores":
             scores = SELECTORS.get(self.method)(self._outputs(student, self.data, unpaid))
             return [unpaid[k] for k in pick(scores, need)], self.method
@@ -538,8 +542,7 @@ class Selection:
         for p, d in zip(unpaid, dom):
             by.setdefault(int(d), []).append(p)
         chosen: list[int] = []
-        avail = {d: [ps[int(k)] for k in torch.randperm(len(ps), generator=g)]
-                 for d, ps in sorted(by.items())}  # fmt: skip
+        avail = {d: _shuffled(ps, g) for d, ps in sorted(by.items())}
         while len(chosen) < need and any(avail.values()):
             live = [d for d in avail if avail[d] and d < len(w)] or [d for d in avail if avail[d]]
             probs = torch.tensor([float(w[d]) if d < len(w) else 0.0 for d in live])
@@ -626,12 +629,6 @@ class Selection:
             self.records.append(rec)
         labels = [self._label(i) for i in train]
         return _Paid(self.data, [self.position[i] for i in train], labels)
-
-    @property
-    def _logged(self) -> set[int]:
-        if not hasattr(self, "_logged_epochs"):
-            self._logged_epochs: set[int] = set()
-        return self._logged_epochs
 
     def state(self) -> dict[str, Tensor]:
         """What resume needs beyond the paid set: this epoch's training subset, DDK weights."""
