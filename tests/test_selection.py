@@ -171,6 +171,33 @@ def test_resume_of_a_selection_run_is_exact_and_buys_nothing_twice(tmp_path):
     assert s["rounds"] == ra  # the same rounds, each logged once
 
 
+def test_selection_every_n_steps_selects_on_step_boundaries_and_resumes_exactly(tmp_path):
+    steps = ["selection.every=7 steps", "train.max_steps=30"]
+    ref = _run(tmp_path / "ref", *steps, "train.checkpoint_every=100")
+    s = json.loads((ref.run_dir / "selection.json").read_text())
+    assert (s["every"], s["every_unit"]) == (7, "steps")
+    rounds = s["rounds"]
+    # a round every 7 optimizer steps, whatever the epoch length (50 examples per round)
+    assert [r["step"] for r in rounds] == [1, 8, 15, 22, 29]
+    assert [r["teacher_calls"] for r in rounds] == [100, 150, 200, 250, 300]
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3, 4]
+    teacher = [f"teacher.path={ref.run_dir}/teacher", "teacher.fit=null"]
+    full = _run(tmp_path / "full", *steps, *teacher)
+    run = tmp_path / "cut"
+    _run(
+        run, "selection.every=7 steps", "train.max_steps=10", "train.checkpoint_every=10", *teacher
+    )  # fmt: skip  (stops mid-round 1)
+    res = _run(run, *steps, *teacher, resume=True)
+    a = load_file(str(full.run_dir / "student" / "model.safetensors"))
+    b = load_file(str(res.run_dir / "student" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((res.run_dir / "selection.json").read_text())["rounds"] == rounds_of(full)
+
+
+def rounds_of(res):
+    return json.loads((res.run_dir / "selection.json").read_text())["rounds"]
+
+
 @pytest.mark.parametrize(
     "over, msg",
     [
@@ -182,6 +209,12 @@ def test_resume_of_a_selection_run_is_exact_and_buys_nothing_twice(tmp_path):
             ["selection.budget=10", "selection.params.initial=10", "train.batch_size=32"],
             "first selection round (10 examples)",
         ),  # fmt: skip
+        (["selection.every=3 hours"], "selection.every='3 hours'"),
+        (["selection.every=0 steps"], "must be at least 1"),
+        (
+            ["selection.every=5 steps", "train.max_steps=null", "train.epochs=2"],
+            "set train.max_steps",
+        ),  # fmt: skip
     ],
 )
 def test_bad_selection_settings_are_named(tmp_path, over, msg):
@@ -191,12 +224,48 @@ def test_bad_selection_settings_are_named(tmp_path, over, msg):
     assert not (tmp_path / "bad" / "teacher_labels.jsonl").exists()
 
 
-def test_selection_refuses_a_cached_teacher_and_lm_data(tmp_path):
+def test_a_cached_teacher_is_counted_against_the_budget_like_an_online_one(tmp_path):
+    from mentor.assembly import cache_recipe
+    from mentor.cache import CacheSettings
+
+    online = _run(tmp_path / "online", "train.max_steps=20")
+    teacher = [f"teacher.path={online.run_dir}/teacher", "teacher.fit=null"]
+    cfg = load_config("digits", [f"output.dir={tmp_path / 'x'}", *FAST, *SEL, *teacher])
+    cache_recipe(cfg, tmp_path / "cache", CacheSettings(top_k=10, dtype="fp32"),
+                 splits=("train", "val"), progress=False)  # fmt: skip
+    use = ["teacher.source=cache", f"teacher.cache={tmp_path / 'cache'}", *teacher]
+    cached = _run(tmp_path / "cached", "train.max_steps=20", *use)
+    a, b = (json.loads((r.run_dir / "selection.json").read_text()) for r in (online, cached))
+    assert b["teacher_calls"] == b["calls_this_process"] == a["teacher_calls"] >= 200
+    assert [r["teacher_calls"] for r in b["rounds"]] == [r["teacher_calls"] for r in a["rounds"]]
+
+    def paid(r):
+        lines = (r.run_dir / "teacher_labels.jsonl").read_text().splitlines()
+        return {x["index"]: x["logprobs"] for x in map(json.loads, lines)}
+
+    p, q = paid(online), paid(cached)
+    assert len(q) == b["teacher_calls"] and p.keys() & q.keys()  # same teacher, same answers
+    for i in p.keys() & q.keys():
+        assert torch.allclose(torch.tensor(p[i]), torch.tensor(q[i]), atol=1e-4)
+
+
+def test_dense_view_of_a_cached_top_k_signal():
+    from mentor.selection import _dense
+    from mentor.signals import TopK
+
+    logits = torch.tensor([[2.0, 0.5, -1.0, 0.0]])
+    full = _dense(TopK.from_logits(logits, 4), 4)
+    assert torch.allclose(full, logits.log_softmax(-1), atol=1e-6)
+    part = _dense(TopK.from_logits(logits, 2), 4)  # the other two share the tail equally
+    lp = logits.log_softmax(-1)[0]
+    tail = torch.logsumexp(lp[2:], 0) - math.log(2)
+    assert torch.allclose(part[0], torch.stack([lp[0], lp[1], tail, tail]), atol=1e-6)
+    assert torch.allclose(part.exp().sum(), torch.tensor(1.0), atol=1e-6)
+
+
+def test_selection_refuses_lm_data(tmp_path):
     from mentor.selection import build_selection
 
-    cfg = load_config("digits", [*SEL, "teacher.source=cache", "teacher.cache=x"])
-    with pytest.raises(ValueError, match="already paid for every example"):
-        build_selection(cfg, _Counting(), [], lambda b: b, None, "classification")
     cfg = load_config("digits", [*SEL])
     with pytest.raises(ValueError, match="supports classification"):
         build_selection(cfg, _Counting(), [], lambda b: b, None, "causal_lm")

@@ -313,7 +313,7 @@ class SelectionConfig(_Strict):
 
     The training set becomes a pool: the teacher is paid for ``params.initial`` examples (the
     labelled part of ``data.params.labeled`` first, then random ones), then every ``every``
-    epochs for ``params.per_round`` more chosen by ``method`` from the current student, until
+    epochs (``every: 2``) or optimizer steps (``every: "200 steps"``) for ``params.per_round`` more chosen by ``method`` from the current student, until
     ``budget`` teacher calls are spent. The student trains on the paid examples: their own
     label where ``data.params.labeled`` kept one, else the teacher's (``params.pseudo_labels``).
     Methods: random, entropy, margin, least_confidence, rad, llkd, kd3, ddk, kd_pruned,
@@ -322,8 +322,16 @@ class SelectionConfig(_Strict):
 
     method: str = "random"
     budget: int = Field(..., ge=1)
-    every: int = Field(1, ge=1)
+    every: int | str = 1
     params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("every")
+    @classmethod
+    def _every(cls, v: int | str) -> int | str:
+        from mentor.selection import parse_every
+
+        parse_every(v)
+        return v
 
     @field_validator("method")
     @classmethod

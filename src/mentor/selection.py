@@ -2,8 +2,8 @@
 
 The training set is treated as an **unlabelled pool**. A run with a ``selection`` section
 (``selection: {method, budget, every, params}``) pays the teacher for ``params.initial``
-examples chosen at random, trains on them, and every ``every`` epochs asks the current student
-which ``params.per_round`` examples of the rest should be labelled next (the selector, by
+examples chosen at random, trains on them, and every ``every`` epochs (or ``"N steps"``) asks
+the current student which ``params.per_round`` examples of the rest should be labelled next (the selector, by
 ``method``), until ``budget`` teacher calls are spent. The student only ever sees examples the
 teacher was paid for, and their labels are the teacher's (its argmax; soft terms such as ``kd``
 see its full distribution) — the data's own labels of the pool are never used for training.
@@ -16,7 +16,7 @@ uncertain examples go back to the teacher.
   ``RUN/teacher_labels.jsonl`` as soon as it arrives (id, label, log-probabilities), so a
   killed run never loses what it paid for: the resumed run reads the file and asks the
   teacher only for what is missing. The paid set is also in every checkpoint, so resume is
-  exact.
+  exact. An online, served or cached teacher is counted alike: each answer read is a call.
 * **Selectors** (registry :data:`SELECTORS`): ``random``; ``entropy`` (highest predictive
   entropy of the student; Settles, "Active Learning Literature Survey", 2009); ``margin``
   (smallest gap between the student's two most likely classes; Scheffer et al., "Active Hidden
@@ -132,6 +132,26 @@ def on_teacher_device(batch: dict[str, Any], source: Any) -> dict[str, Any]:
     return {k: v.to(dev) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
 
+def _dense(out: Any, num_classes: int | None) -> Any:
+    """A cached teacher's top-k signal as dense log-probabilities over ``num_classes``.
+
+    Classes outside the stored top-k share the stored tail mass equally (exact when the cache
+    kept every class, as ``mentor cache`` does for up to ``--top-k`` classes).
+    """
+    from mentor.signals import TopK
+
+    if not isinstance(out, TopK):
+        return out
+    k = out.indices.shape[-1]
+    v = int(num_classes or int(out.indices.max()) + 1)
+    if k > v:
+        raise ValueError(f"cached teacher stores {k} classes per example, the data has {v}")
+    rest = out.tail.float() - math.log(max(1, v - k)) if v > k else out.tail.float()
+    dense = rest.unsqueeze(-1).expand(*out.tail.shape, v).clone()
+    dense.scatter_(-1, out.indices.long(), out.logprobs.float())
+    return dense
+
+
 class BudgetTeacher(TeacherSource):
     """Wraps a teacher source: answers paid examples from memory, counts and logs every call.
 
@@ -185,6 +205,7 @@ class BudgetTeacher(TeacherSource):
         for lo in range(0, len(ask), step):
             chunk = ask[lo : lo + step]
             out = self.inner(on_teacher_device(fetch(chunk), self.inner)).logits
+            out = _dense(out, getattr(self.owner, "num_classes", None))
             if not isinstance(out, Tensor) or out.dim() != 2:
                 raise ValueError(
                     "selection needs a teacher whose signal is one row of class logits per "
@@ -330,6 +351,27 @@ def method_names() -> list[str]:
     return sorted(METHODS)
 
 
+def parse_every(every: int | str) -> tuple[int, str]:
+    """``selection.every``: ``N`` or ``"N epochs"`` (rounds every N epochs) or ``"N steps"``."""
+    import re
+
+    if isinstance(every, bool):
+        every = str(every)
+    if isinstance(every, int):
+        n, unit = every, "epochs"
+    else:
+        m = re.fullmatch(r"\s*(\d+)\s*(steps?|epochs?)?\s*", str(every))
+        if m is None:
+            raise ValueError(
+                f'selection.every={every!r}: give a number of epochs (2, "2 epochs") or of '
+                'optimizer steps ("200 steps")'
+            )
+        n, unit = int(m.group(1)), "steps" if (m.group(2) or "").startswith("step") else "epochs"
+    if n < 1:
+        raise ValueError(f"selection.every={every!r}: must be at least 1")
+    return n, unit
+
+
 def _shuffled(xs: list[int], g: torch.Generator) -> list[int]:
     """``xs`` in a random order drawn from ``g``."""
     return [xs[int(k)] for k in torch.randperm(len(xs), generator=g)]
@@ -354,7 +396,7 @@ class Selection:
         self,
         method: str,
         budget: int,
-        every: int,
+        every: int | str,
         teacher: TeacherSource,
         train_data: Dataset,
         collate: Callable[[list[Any]], dict[str, Any]],
@@ -393,7 +435,8 @@ class Selection:
                 f"selection.budget={budget} is larger than the pool ({n:,} training examples): "
                 f"use at most {n:,}"
             )
-        self.method, self.every, self.seed = method, int(every), int(seed)
+        self.every, self.unit = parse_every(every)
+        self.method, self.seed = method, int(seed)
         self.budget = int(budget)
         self.initial = min(
             int(initial if initial is not None else max(1, budget // 4)), self.budget
@@ -440,7 +483,19 @@ class Selection:
     # ---------------------------------------------------------------- sizes
     def size(self, epoch: int) -> int:
         """Examples paid for (and trained on) in ``epoch``."""
-        return min(self.budget, self.initial + (epoch // self.every) * self.per_round)
+        return min(self.budget, self.initial + self.round_of(epoch) * self.per_round)
+
+    def round_of(self, epoch: int) -> int:
+        """The selection round of engine epoch ``epoch``.
+
+        With ``every: N`` (epochs) a round spans N epochs; with ``every: "N steps"`` the engine
+        makes each of its epochs one round of N optimizer steps (:meth:`round_batches`).
+        """
+        return epoch if self.unit == "steps" else epoch // self.every
+
+    def round_batches(self, grad_accum: int) -> int | None:
+        """Micro-batches per process in one round (``every: "N steps"``); None: one epoch."""
+        return self.every * int(grad_accum) if self.unit == "steps" else None
 
     def steps(self, epochs: float, per_batch: int, grad_accum: int) -> int:
         """Optimizer steps of ``epochs`` epochs (the data grows between selection rounds)."""
@@ -556,7 +611,7 @@ class Selection:
         name = self.spec.train_filter
         if name is None:
             return paid
-        rnd = epoch // self.every  # chosen once per selection round (restored on resume)
+        rnd = self.round_of(epoch)  # chosen once per selection round (restored on resume)
         if rnd in self.kept:
             return self.kept[rnd]
         import mentor.selectors as selectors
@@ -602,7 +657,8 @@ class Selection:
                 c = int(self.teacher.store[i].argmax())
                 per_class[c] = per_class.get(c, 0) + 1
             rec = {
-                "kind": "selection", "step": step + 1, "epoch": epoch, "by": by,
+                "kind": "selection", "step": step + 1, "epoch": epoch,
+                "round": self.round_of(epoch), "by": by,
                 "picked": len(picked), "teacher_calls": self.teacher.spent,
                 "val_accuracy_before": acc,
                 "picked_per_class": {str(k): v for k, v in sorted(per_class.items())},
@@ -619,7 +675,7 @@ class Selection:
                     rec["domain_weights"] = [round(float(x), 6) for x in self.domain_weights]
         paid = self.teacher.order[: self.size(epoch)]
         train = self._train_filter(epoch, student, paid)
-        rnd = epoch // self.every
+        rnd = self.round_of(epoch)
         if self.spec.train_filter is not None and (rec is not None or rnd not in self._logged):
             rec = rec or {"kind": "selection", "step": step + 1, "epoch": epoch,
                           "by": self.method, "picked": 0, "teacher_calls": self.teacher.spent}  # fmt: skip
@@ -682,6 +738,7 @@ class Selection:
             "why": self.spec.cite,
             "budget": self.budget,
             "every": self.every,
+            "every_unit": self.unit,
             "initial": self.initial,
             "per_round": self.per_round,
             "pool": len(self.ids),
@@ -718,11 +775,6 @@ def build_selection(
     if task != "classification":
         raise ValueError(
             f"selection (teacher budgets) supports classification data; this run's task is {task!r}"
-        )
-    if cfg.teacher.source == "cache":
-        raise ValueError(
-            "selection with teacher.source=cache: a cache has already paid for every example; "
-            "use the online (or served) teacher so that only the selected examples are paid for"
         )
     spec = METHODS.get(sc.method)
     allowed = (*COMMON_PARAMS, *(spec.params if spec else ()))

@@ -411,6 +411,11 @@ class Distiller:
             return t.max_steps
         if self.selection is not None:  # the paid set grows between selection rounds
             self._steps_per_epoch(world)  # a clear error if the first round is too small
+            if self.selection.unit == "steps":
+                raise ValueError(
+                    f"selection.every={self.cfg.selection.every!r} counts optimizer steps: set "
+                    "train.max_steps (the run's length in steps) instead of train.epochs"
+                )
             return self.selection.steps(t.epochs or 1.0, t.batch_size * world, t.grad_accum)
         return max(1, math.ceil((t.epochs or 1.0) * self._steps_per_epoch(world)))
 
@@ -418,13 +423,22 @@ class Distiller:
         """Micro-batches of this rank from position ``start`` of ``epoch`` (deterministic)."""
         b = self.cfg.train.batch_size
         data = self.train_data
+        per_round = None
         if self.selection is not None:  # the examples paid for by this epoch, teacher-labelled
             data = self.selection.dataset(epoch, self.model.student, self._step)
-        g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + epoch)
-        perm = torch.randperm(len(data), generator=g)
+            # every: "N steps": this "epoch" is one selection round of exactly N steps, going
+            # through the round's examples as many times as that takes (a new order each pass)
+            per_round = self.selection.round_batches(self.cfg.train.grad_accum)
+        seed = self.cfg.train.seed * 1_000_003 + epoch
         n_batches = len(data) // (b * world)
-        for k in range(start, n_batches):
-            lo = k * b * world + rank * b
+        stop = n_batches if per_round is None else (per_round if n_batches else 0)
+        perm: Tensor | None = None
+        for k in range(start, stop):
+            p, k_in = divmod(k, n_batches)
+            if perm is None or k_in == 0:
+                g = torch.Generator().manual_seed(seed if p == 0 else seed * 7919 + p)
+                perm = torch.randperm(len(data), generator=g)
+            lo = k_in * b * world + rank * b
             yield self.collate([data[int(i)] for i in perm[lo : lo + b]])
 
     def _generate(
