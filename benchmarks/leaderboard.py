@@ -11,6 +11,13 @@ only the objective (with the method's published weights) and the seed change. Re
 ``mentor.eval.metrics.reliability``).
 
     .venv/bin/python -m benchmarks.leaderboard [--quick] [--recipes vision text-classifier]
+    .venv/bin/python -m benchmarks.leaderboard --regime low [--fraction 0.05]
+
+``--regime low`` is the low-data regime: each student trains on a seeded, class-stratified
+``--fraction`` of the training set (a new draw per seed, the same draw for every row of a
+seed) for the same number of steps as the full regime, from the same teacher (fitted on the
+whole training set, as in Ben-Baruch et al., "Distilling the Knowledge in Data Pruning", 2024).
+It writes ``leaderboard_low.json`` and its own section.
 """
 
 from __future__ import annotations
@@ -133,8 +140,13 @@ def evaluate(model: torch.nn.Module, bundle: Any) -> dict[str, float]:
     }
 
 
-def run_recipe(name: str, quick: bool, seeds: list[int], work: Path) -> dict[str, Any]:
-    """Teacher once, then every row x seed; returns per-run metrics and the set-up."""
+def run_recipe(
+    name: str, quick: bool, seeds: list[int], work: Path, fraction: float | None = None
+) -> dict[str, Any]:
+    """Teacher once, then every row x seed; returns per-run metrics and the set-up.
+
+    ``fraction``: the low-data regime (students see that share of the training set).
+    """
     from accelerate.utils import set_seed
 
     from mentor.assembly import Assembly
@@ -175,6 +187,17 @@ def run_recipe(name: str, quick: bool, seeds: list[int], work: Path) -> dict[str
     per_epoch = max(1, len(bundle.train) // t.batch_size // t.grad_accum)
     total_steps = t.max_steps or max(1, math.ceil((t.epochs or 1.0) * per_epoch))
     base_dict = base.model_dump(mode="json")
+    subsets: dict[int, Any] = {}
+    if fraction is not None:
+        from torch.utils.data import Subset
+
+        from mentor.data.sources import labeled_positions
+
+        y = torch.tensor([int(bundle.train[i]["labels"]) for i in range(len(bundle.train))])
+        k = max(t.batch_size * t.grad_accum, round(fraction * len(y)))
+        for seed in seeds:  # one draw per seed, shared by every row
+            pos = sorted(int(p) for p in labeled_positions(y, k, seed))
+            subsets[seed] = Subset(bundle.train, pos)
     for row, spec, _ in ROWS:
         obj, sched = objective_for(spec, total_steps)
         for seed in seeds:
@@ -182,6 +205,8 @@ def run_recipe(name: str, quick: bool, seeds: list[int], work: Path) -> dict[str
             raw = copy.deepcopy(base_dict)
             raw["objective"] = obj
             raw["train"].update(seed=seed, schedules=sched)
+            if fraction is not None:  # the full regime's number of steps on the subset
+                raw["train"].update(max_steps=total_steps, epochs=None)
             raw["output"].update(dir=str(work / name / "run"), overwrite=True)
             cfg = load_config(raw)
             set_seed(seed)
@@ -192,7 +217,7 @@ def run_recipe(name: str, quick: bool, seeds: list[int], work: Path) -> dict[str
                 student,
                 CachedTeacher(logits),
                 Objective(cfg.objective),
-                bundle.train,
+                subsets.get(seed, bundle.train),
                 cfg,
                 task=bundle.info.task,
                 collate_fn=collate,
@@ -215,6 +240,8 @@ def run_recipe(name: str, quick: bool, seeds: list[int], work: Path) -> dict[str
         "teacher_dir": str(teacher_dir),
         "teacher_setup_s": t_setup,
         "train_examples": len(bundle.train),
+        "fraction": fraction,
+        "student_examples": len(next(iter(subsets.values()))) if subsets else len(bundle.train),
         "val_examples": len(bundle.val),
         "steps": total_steps,
         "batch_size": base.train.batch_size,
@@ -303,9 +330,22 @@ def plot(results: list[dict[str, Any]], path: Path) -> Path | None:
 
 def markdown(p: dict[str, Any], img: str | None) -> str:
     """The docs/benchmarks.md section."""
+    low = p.get("regime") == "low"
     lines = [
-        "## Quality leaderboard: logit objectives",
+        "## Quality leaderboard: logit objectives"
+        + (f", low-data regime ({100 * p['fraction']:g}% of the training set)" if low else ""),
         "",
+    ]
+    if low:
+        lines += [
+            f"The same rows, teacher and number of steps as the full-data leaderboard, but each "
+            f"student trains on a seeded, class-stratified {100 * p['fraction']:g}% of the "
+            "training set (a new draw per seed, the same draw for every row of a seed). The "
+            "teacher was fitted on the whole training set — the regime of data pruning with KD "
+            "(Ben-Baruch et al., 2024), where a teacher has seen more than the student can.",
+            "",
+        ]
+    lines += [
         "Each recipe's teacher is trained once, saved (`save_model`) and its training-set logits "
         "computed once; every student is trained by the `Distiller` from those logits "
         "(`CachedTeacher` over an in-memory dict — the signal an online teacher in eval mode "
@@ -320,8 +360,13 @@ def markdown(p: dict[str, Any], img: str | None) -> str:
             f"### {res['recipe']} — {res['dataset']}",
             "",
             f"Teacher `{res['teacher_desc']}`, student `{res['student']}`; "
-            f"{res['train_examples']:,} training / {res['val_examples']:,} held-out examples; "
-            f"{res['steps']} steps of batch {res['batch_size']}, lr {res['lr']:g} "
+            f"{res['train_examples']:,} training / {res['val_examples']:,} held-out examples"
+            + (
+                f" (students see {res['student_examples']:,} of them); "
+                if res.get("fraction")
+                else "; "
+            )
+            + f"{res['steps']} steps of batch {res['batch_size']}, lr {res['lr']:g} "
             f"({res['schedule']}). Budget overrides of the recipe: "
             f"`{' '.join(res['overrides'])}`. Teacher: accuracy "
             f"{100 * res['teacher']['accuracy']:.2f}%, ECE {res['teacher']['ece']:.4f}.",
@@ -347,7 +392,7 @@ def markdown(p: dict[str, Any], img: str | None) -> str:
         C.machine_line(p["machine"])
         + p.get("load_note", "")
         + f" Whole benchmark {p['total_s'] / 60:.1f} min. Regenerate with "
-        "`.venv/bin/python -m benchmarks.leaderboard`."
+        "`.venv/bin/python -m benchmarks.leaderboard" + (" --regime low`." if low else "`.")
     )
     return "\n".join(lines)
 
@@ -361,8 +406,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     ap.add_argument("--rows", nargs="*", default=None, help="row names to run (default: all)")
+    ap.add_argument(
+        "--regime", choices=["full", "low"], default="full",
+        help="low: students see --fraction of the training set (same steps, same teacher)",
+    )  # fmt: skip
+    ap.add_argument("--fraction", type=float, default=0.05, help="the low regime's share")
     ap.add_argument("--json-out", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if not 0 < a.fraction <= 1:
+        ap.error(f"--fraction {a.fraction}: give a share in (0, 1]")
+    fraction = a.fraction if a.regime == "low" else None
     global ROWS
     if a.quick:
         C.use_quick_outputs()
@@ -375,7 +428,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in a.recipes:
-            res = run_recipe(name, a.quick, a.seeds, Path(tmp))
+            res = run_recipe(name, a.quick, a.seeds, Path(tmp), fraction)
             res["table"] = aggregate(res["runs"])
             res["findings"] = findings(res["table"])
             results.append(res)
@@ -384,10 +437,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "load_note": C.load_note(),
         "seeds": a.seeds,
         "quick": a.quick,
+        "regime": a.regime,
+        "fraction": fraction,
         "results": results,
         "total_s": time.perf_counter() - t0,
     }
-    C.publish("leaderboard", payload, markdown, lambda path: plot(results, path))
+    name = "leaderboard_low" if a.regime == "low" else "leaderboard"
+    C.publish(name, payload, markdown, lambda path: plot(results, path))
     return payload
 
 

@@ -31,6 +31,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "trl_compare": ("benchmarks.trl_compare", ["--quick"]),
     "onpolicy_compare": ("benchmarks.onpolicy_compare", ["--quick"]),
     "leaderboard": ("benchmarks.leaderboard", ["--quick"]),
+    "leaderboard_low": ("benchmarks.leaderboard", ["--quick", "--regime", "low"]),
     "scaling": ("benchmarks.scaling", ["--quick"]),
     "teacher_hacking": ("benchmarks.teacher_hacking", ["--quick"]),
     "generation_arms": ("benchmarks.generation_arms", ["--quick"]),
@@ -45,6 +46,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
 FULL_ARGS = {
     "selection_budget_vision": ["--recipe", "vision"],
     "selection_budget_text": ["--recipe", "text"],
+    "leaderboard_low": ["--regime", "low"],
 }
 EXPECTED_MIN = {
     "engine_overhead": 2,
@@ -53,6 +55,7 @@ EXPECTED_MIN = {
     "trl_compare": 15,
     "onpolicy_compare": 20,
     "leaderboard": 30,
+    "leaderboard_low": 25,
     "scaling": 10,
     "teacher_hacking": 20,
     "generation_arms": 30,
@@ -153,10 +156,12 @@ def summary() -> list[str]:
             f"Cached-KD step / plain CE step: {cf['step_time']['ratio_median']:.2f} "
             "(target ≤ 1.10)."
         )
-    lb = read_json("leaderboard")
-    if lb:
-        for res in lb["results"]:
-            out.append(f"Leaderboard {res['recipe']}: " + "; ".join(res["findings"]) + ".")
+    for name, regime in (("leaderboard", "full data"), ("leaderboard_low", "low data")):
+        lb = read_json(name)
+        for res in (lb or {}).get("results", []):
+            out.append(
+                f"Leaderboard {res['recipe']}, {regime}: " + "; ".join(res["findings"]) + "."
+            )
     sc = read_json("scaling")
     if sc and sc.get("fits"):
         out.append(
