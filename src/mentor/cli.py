@@ -66,7 +66,13 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         import json
 
         got = json.loads(sel.read_text())
-        console.print(f"teacher calls: {got['teacher_calls']:,} of a budget of {got['budget']:,}")
+        if got.get("kind") == "domains":  # DDK on LM data: per-domain held-out perplexity
+            console.print(f"held-out perplexity per domain: mean {got['mean_ppl']:.2f}, worst "
+                          f"{got['worst_ppl']:.2f} ({got['worst_domain']})")  # fmt: skip
+        else:
+            console.print(
+                f"teacher calls: {got['teacher_calls']:,} of a budget of {got['budget']:,}"
+            )
     console.print(f"run directory: {result.run_dir}")
     return 0
 

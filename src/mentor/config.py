@@ -317,11 +317,12 @@ class SelectionConfig(_Strict):
     ``budget`` teacher calls are spent. The student trains on the paid examples: their own
     label where ``data.params.labeled`` kept one, else the teacher's (``params.pseudo_labels``).
     Methods: random, entropy, margin, least_confidence, rad, llkd, kd3, ddk, kd_pruned,
-    label_free (see docs/selection.md).
+    label_free (see docs/selection.md). On language-model data ``ddk`` re-weights the domains
+    of the training blocks instead (:mod:`mentor.domain_mixing`; ``budget`` optional).
     """
 
     method: str = "random"
-    budget: int = Field(..., ge=1)
+    budget: int | None = Field(None, ge=1)
     every: int | str = 1
     params: dict[str, Any] = Field(default_factory=dict)
 

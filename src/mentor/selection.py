@@ -765,16 +765,25 @@ def build_selection(
     val_data: Dataset | None,
     task: str,
     info: Any = None,
-) -> Selection | None:
+) -> Any:
     """The run's :class:`Selection` from ``cfg.selection`` (None when the recipe has none)."""
     sc = getattr(cfg, "selection", None)
     if sc is None:
         return None
     if teacher is None:
         raise ValueError("selection needs a teacher to pay for labels: set teacher.builder")
+    if task == "causal_lm" and sc.method == "ddk":  # DDK's domain re-weighting of LM data
+        from mentor.domain_mixing import build_domain_mixture
+
+        return build_domain_mixture(cfg, teacher, train_data, collate, val_data, info)
     if task != "classification":
         raise ValueError(
-            f"selection (teacher budgets) supports classification data; this run's task is {task!r}"
+            f"selection (teacher budgets) supports classification data, and method ddk on "
+            f"language-model data; this run's task is {task!r} with method {sc.method!r}"
+        )
+    if sc.budget is None:
+        raise ValueError(
+            "selection.budget is required: the number of teacher calls allowed on the pool"
         )
     spec = METHODS.get(sc.method)
     allowed = (*COMMON_PARAMS, *(spec.params if spec else ()))

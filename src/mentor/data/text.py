@@ -65,16 +65,20 @@ class TextDataset(Dataset):
 class TokenBlocks(Dataset):
     """Fixed-length token blocks for causal LM training (``input_ids``, all-ones mask)."""
 
-    def __init__(self, blocks: Tensor, ids: Tensor) -> None:
-        """``blocks`` is ``[N, T]`` token ids; ``ids`` the stable block ids."""
-        self.blocks, self.ids = blocks, ids
+    def __init__(self, blocks: Tensor, ids: Tensor, domains: Tensor | None = None) -> None:
+        """``blocks`` is ``[N, T]`` token ids; ``ids`` the stable block ids; ``domains`` the
+        domain number of each block (``data.params.domains``), given as the ``domain`` field."""
+        self.blocks, self.ids, self.domains = blocks, ids, domains
 
     def __len__(self) -> int:
         return len(self.blocks)
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         x = self.blocks[i]
-        return {"input_ids": x, "attention_mask": torch.ones_like(x), "index": self.ids[i]}
+        item = {"input_ids": x, "attention_mask": torch.ones_like(x), "index": self.ids[i]}
+        if self.domains is not None:
+            item["domain"] = self.domains[i]
+        return item
 
 
 def text_collate(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -703,8 +707,14 @@ def lm_bundle(
     max_blocks: int | None,
     val_fraction: float,
     seed: int,
+    doc_domains: Sequence[str] | None = None,
 ) -> DataBundle:
-    """Tokenise documents, split them (by document, so held-out text is unseen), pack blocks."""
+    """Tokenise documents, split them (by document, so held-out text is unseen), pack blocks.
+
+    ``doc_domains`` (one name per document): blocks are packed within each domain (a block
+    never mixes two), carry a ``domain`` field, and ``max_blocks`` is shared among the domains
+    in proportion to their blocks; ``info.extra["domains"]`` lists the names.
+    """
     if tokenizer is None:
         raise ValueError("an LM corpus needs data.params.tokenizer (the teacher's model)")
     tok = _tokenizer(tokenizer)
@@ -731,8 +741,35 @@ def lm_bundle(
         packed = _pack(out, block_size, sep)
         return packed if limit is None else packed[:limit]
 
-    train = blocks(tr, None if max_blocks is None else max_blocks - n_val)
-    val = blocks(va, n_val)
+    names: list[str] = []
+    dom_train = dom_val = None
+    if doc_domains is None:
+        train = blocks(tr, None if max_blocks is None else max_blocks - n_val)
+        val = blocks(va, n_val)
+    else:
+        names = sorted(set(doc_domains))
+        code = np.array([names.index(d) for d in doc_domains])
+        if n_val is not None:  # every domain needs held-out blocks
+            n_val = max(n_val, len(names))
+
+        def by_domain(doc_ids: np.ndarray, limit: int | None) -> tuple[Tensor, Tensor]:
+            parts = [blocks(doc_ids[code[doc_ids] == k], None) for k in range(len(names))]
+            sizes = np.array([len(p) for p in parts])
+            if limit is not None and sizes.sum() > limit:  # proportional, largest remainders,
+                quota = sizes * limit / sizes.sum()  # at least one block per domain
+                take = np.minimum(sizes, np.maximum(1, np.floor(quota))).astype(int)
+                for k in np.argsort(-(quota - take), kind="stable")[
+                    : max(0, limit - int(take.sum()))
+                ]:
+                    take[k] += 1
+                parts = [p[:n] for p, n in zip(parts, take)]
+            dom = torch.cat(
+                [torch.full((len(p),), k, dtype=torch.long) for k, p in enumerate(parts)]
+            )
+            return torch.cat(parts), dom
+
+        train, dom_train = by_domain(tr, None if max_blocks is None else max_blocks - n_val)
+        val, dom_val = by_domain(va, n_val)
     if len(train) == 0 or len(val) == 0:
         raise ValueError(
             f"the corpus gives {len(train)} train / {len(val)} held-out blocks of "
@@ -745,9 +782,11 @@ def lm_bundle(
         max_length=block_size,
         extra={"train_tokens": train.numel(), "val_tokens": val.numel()},
     )
+    if names:
+        info.extra["domains"] = names
     return DataBundle(
-        TokenBlocks(train, torch.arange(len(train))),
-        TokenBlocks(val, torch.arange(len(train), len(train) + len(val))),
+        TokenBlocks(train, torch.arange(len(train)), dom_train),
+        TokenBlocks(val, torch.arange(len(train), len(train) + len(val)), dom_val),
         info,
     )
 
@@ -762,14 +801,22 @@ def lm_text(
     max_blocks: int | None = None,
     val_fraction: float = 0.1,
     seed: int = 0,
+    domains: bool = False,
 ) -> DataBundle:
-    """Causal LM corpus: UTF-8 text files (globs) or ``corpus: bbc_news``, packed into blocks."""
+    """Causal LM corpus: UTF-8 text files (globs) or ``corpus: bbc_news``, packed into blocks.
+
+    ``domains: true`` keeps each block within one domain and gives it a ``domain`` field: the
+    topic for ``bbc_news``, the folder a file is in for ``files`` (for DDK's domain
+    re-weighting, ``selection.method: ddk``).
+    """
     if (files is None) == (corpus is None):
         raise ValueError("lm_text needs exactly one of data.params.files or data.params.corpus")
+    doc_domains: list[str] | None = None
     if corpus is not None:
         if corpus != "bbc_news":
             raise ValueError(f"data.params.corpus={corpus!r}: the known corpus is 'bbc_news'")
-        docs = read_text_folder(bbc_news_dir(), fallback_encoding=BBC_FALLBACK_ENCODING)[0]
+        docs, topics, _ = read_text_folder(bbc_news_dir(), fallback_encoding=BBC_FALLBACK_ENCODING)
+        doc_domains = topics if domains else None
     else:
         patterns = [files] if isinstance(files, str) else list(files)
         found = {p for pat in patterns for p in glob.glob(str(Path(pat).expanduser()))}
@@ -780,6 +827,14 @@ def lm_text(
                 + (f" (only folders: {', '.join(sorted(found)[:3])})" if found else "")
             )
         docs = [_decode(_read_bytes(Path(p), "files"), Path(p)) for p in paths]
+        if domains:
+            doc_domains = [Path(p).parent.name for p in paths]
+            if len(set(doc_domains)) < 2:
+                raise ValueError(
+                    "data.params.domains=true takes each file's folder as its domain, but every "
+                    f"file of data.params.files is in {Path(paths[0]).parent}: put each domain's "
+                    "files in a folder of its own"
+                )
         if len(docs) == 1:  # one big file: split it into paragraphs-sized documents
             docs = [d for d in docs[0].split("\n\n") if d.strip()]
     return lm_bundle(
@@ -789,6 +844,7 @@ def lm_text(
         max_blocks=max_blocks,
         val_fraction=val_fraction,
         seed=seed,
+        doc_domains=doc_domains,
     )
 
 
@@ -804,22 +860,46 @@ def synthetic_lm(
     branching: int = 4,
     val_fraction: float = 0.2,
     seed: int = 0,
+    domains: int = 1,
 ) -> DataBundle:
-    """Token sequences from a random sparse Markov chain (learnable; for tiny LM recipes)."""
-    g = np.random.default_rng(seed)
-    succ = g.integers(0, vocab_size, size=(vocab_size, branching))
-    probs = g.dirichlet(np.ones(branching) * 0.5, size=vocab_size)
-    seqs = np.zeros((n, block_size), dtype=np.int64)
-    seqs[:, 0] = g.integers(0, vocab_size, size=n)
-    for t in range(1, block_size):
-        prev = seqs[:, t - 1]
-        choice = (g.random(n)[:, None] > np.cumsum(probs[prev], 1)).sum(1)
-        seqs[:, t] = succ[prev, np.minimum(choice, branching - 1)]
+    """Token sequences from a random sparse Markov chain (learnable; for tiny LM recipes).
+
+    ``domains: k`` (> 1): k chains, sequence i drawn from chain ``i % k``; chain j has
+    ``branching + 2j`` successors per token (later domains are harder), and blocks carry a
+    ``domain`` field (for ``selection.method: ddk``).
+    """
+    check_positive("domains", domains)
+
+    def chain(g: np.random.Generator, m: int, b: int) -> np.ndarray:
+        succ = g.integers(0, vocab_size, size=(vocab_size, b))
+        probs = g.dirichlet(np.ones(b) * 0.5, size=vocab_size)
+        seqs = np.zeros((m, block_size), dtype=np.int64)
+        seqs[:, 0] = g.integers(0, vocab_size, size=m)
+        for t in range(1, block_size):
+            prev = seqs[:, t - 1]
+            choice = (g.random(m)[:, None] > np.cumsum(probs[prev], 1)).sum(1)
+            seqs[:, t] = succ[prev, np.minimum(choice, b - 1)]
+        return seqs
+
+    dom = None
+    if domains == 1:
+        seqs = chain(np.random.default_rng(seed), n, branching)
+    else:
+        dom = np.arange(n) % domains
+        seqs = np.zeros((n, block_size), dtype=np.int64)
+        for j in range(domains):
+            rows = np.flatnonzero(dom == j)
+            seqs[rows] = chain(np.random.default_rng([seed, j]), len(rows), branching + 2 * j)
     tr, va = split_indices(n, val_fraction, seed)
     x = torch.from_numpy(seqs)
     info = DataInfo(task="causal_lm", vocab_size=vocab_size, max_length=block_size)
+    d = None if dom is None else torch.from_numpy(dom)
+    if d is not None:
+        info.extra["domains"] = [f"chain{j}" for j in range(domains)]
     return DataBundle(
-        TokenBlocks(x[tr], torch.as_tensor(tr)), TokenBlocks(x[va], torch.as_tensor(va)), info
+        TokenBlocks(x[tr], torch.as_tensor(tr), None if d is None else d[tr]),
+        TokenBlocks(x[va], torch.as_tensor(va), None if d is None else d[va]),
+        info,
     )
 
 

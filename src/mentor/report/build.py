@@ -233,6 +233,8 @@ def selection_section(ev: dict[str, Any], cfg: dict[str, Any]) -> str | None:
     s = ev.get("selection")
     if not s:
         return None
+    if s.get("kind") == "domains":
+        return domains_section(s)
     names = ev.get("class_names") or []
 
     def classes(per: dict[str, int]) -> str:
@@ -276,6 +278,31 @@ def selection_section(ev: dict[str, Any], cfg: dict[str, Any]) -> str | None:
     header = ["epoch", "step", "chosen by", "picked", "teacher calls", "held-out acc. before",
               "teacher labels of the picked", "trained on"]  # fmt: skip
     return text + "\n\n" + _md_table(header, rows)
+
+
+def domains_section(s: dict[str, Any]) -> str:
+    """DDK's domain re-weighting of LM data: proportions and perplexities per round."""
+    names = s["domains"]
+    text = (
+        f"Training blocks were drawn by domain (`{s['domain_field']}`), re-weighted every "
+        f"{s['every']} steps by **ddk** ({s['why']}; smoothing {s['smoothing']:g}). Final "
+        f"held-out perplexity of the student: mean {s['mean_ppl']:.2f}, worst "
+        f"{s['worst_ppl']:.2f} ({s['worst_domain']}); teacher calls {s['teacher_calls']:,} "
+        f"(+{s['eval_calls']:,} on held-out blocks)."
+    )
+    rows = [[nm, f"{s['final_student_ppl'][nm]:.2f}", f"{s['teacher_ppl'][nm]:.2f}",
+             str(s["training_blocks_per_domain"][nm])] for nm in names]  # fmt: skip
+    text += "\n\n" + _md_table(["domain", "student ppl", "teacher ppl", "training blocks"], rows)
+    rounds = [
+        [str(r["step"])] + [f"{w:.3f}" for w in r["domain_weights"]]
+        + [str(sum((r.get("blocks_per_domain") or {}).values()))]
+        for r in s.get("rounds", [])
+    ]  # fmt: skip
+    if rounds:
+        text += "\n\nProportions per round:\n\n" + _md_table(
+            ["step", *names, "blocks drawn"], rounds
+        )
+    return text
 
 
 def gain_section(ev: dict[str, Any], run_dir: Path) -> str | None:
