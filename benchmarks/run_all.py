@@ -41,6 +41,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "selection_budget_vision": ("benchmarks.selection_budget", ["--quick"]),
     "selection_budget_text": ("benchmarks.selection_budget", ["--quick"]),
     "kd_full_data": ("benchmarks.kd_full_data", ["--quick"]),
+    "ddk_lm": ("benchmarks.ddk_lm", ["--quick"]),
 }
 # full-run arguments where a module serves several benchmarks
 FULL_ARGS = {
@@ -65,6 +66,7 @@ EXPECTED_MIN = {
     "selection_budget_vision": 90,
     "selection_budget_text": 60,
     "kd_full_data": 30,
+    "ddk_lm": 25,
 }
 
 INTRO = """# Benchmarks

@@ -23,6 +23,8 @@ LAYERS = {
     "mentor.teachers": 2,
     "mentor.selection": 2,  # teacher budgets: wraps a teacher source
     "mentor.selectors": 2,
+    "mentor.domain_mixing": 2,  # DDK on LM data: the selection loop's counterpart
+    "mentor.pruning.cts": 2,  # Concrete Ticket Search optimises the cts_kl loss
     "mentor.cache": 2,
     "mentor.losses": 2,
     "mentor.tasks": 2,
@@ -31,6 +33,7 @@ LAYERS = {
     "mentor.data": 1,
     "mentor.models": 1,
     "mentor.students": 1,
+    "mentor.pruning": 1,  # masks, importance, structured pruning (builders use them)
     "mentor.signals": 1,
     "mentor.progress": 1,
     "mentor.generation": 1,

@@ -112,6 +112,13 @@ def ref_reverse_kl(s, t, labels=None, mask=None, temperature=1.0):
     )
 
 
+def ref_cts_kl(s, t, labels=None, mask=None, temperature=1.0):
+    """CTS-KL: reverse KL of the sparse network (student) to its dense self (teacher)."""
+    return _mean_rows(
+        lambda a, b, y: kl(sm(a / temperature), sm(b / temperature)), s, t, labels, mask
+    )
+
+
 def ref_jsd(s, t, labels=None, mask=None, beta=0.5, temperature=1.0):
     def row(a, b, y):
         ps, pt = sm(a / temperature), sm(b / temperature)
@@ -597,6 +604,7 @@ CASES = {
     "kd": [{}, {"temperature": 2.0, "alpha": 0.3}, {"standardize": True}],
     "forward_kl": [{}, {"temperature": 2.0}, {"standardize": True, "temperature": 3.0}],
     "reverse_kl": [{}, {"temperature": 0.5}],
+    "cts_kl": [{}, {"temperature": 2.0}],
     "jsd": [{}, {"beta": 0.0}, {"beta": 1.0}, {"beta": 0.3, "temperature": 2.0}],
     "tvd": [{}, {"temperature": 2.0}],
     "skew_kl": [{}, {"alpha": 0.0}, {"alpha": 0.5, "temperature": 2.0}],

@@ -716,9 +716,21 @@ def distill(
 
     from mentor.selection import build_selection
 
-    selection = build_selection(
-        cfg, teacher, bundle.train, asm.collate, bundle.val, bundle.info.task, bundle.info
-    )  # teacher budget: only the selected examples are paid for
+    if (
+        cfg.selection is not None
+        and cfg.selection.method == "ddk"
+        and teacher is not None
+        and (bundle.info.task == "causal_lm")
+    ):  # DDK on LM data: the domains of the training blocks re-weighted by the perplexity gap
+        from mentor.domain_mixing import build_domain_mixture
+
+        selection: Any = build_domain_mixture(
+            cfg, teacher, bundle.train, asm.collate, bundle.val, bundle.info
+        )
+    else:  # teacher budget: only the selected examples are paid for
+        selection = build_selection(
+            cfg, teacher, bundle.train, asm.collate, bundle.val, bundle.info.task, bundle.info
+        )
     distiller = Distiller(
         student,
         teacher,

@@ -765,17 +765,17 @@ def build_selection(
     val_data: Dataset | None,
     task: str,
     info: Any = None,
-) -> Any:
-    """The run's :class:`Selection` from ``cfg.selection`` (None when the recipe has none)."""
+) -> Selection | None:
+    """The run's :class:`Selection` from ``cfg.selection`` (None when the recipe has none).
+
+    DDK on language-model data is :func:`mentor.domain_mixing.build_domain_mixture` (the
+    assembly picks it).
+    """
     sc = getattr(cfg, "selection", None)
     if sc is None:
         return None
     if teacher is None:
         raise ValueError("selection needs a teacher to pay for labels: set teacher.builder")
-    if task == "causal_lm" and sc.method == "ddk":  # DDK's domain re-weighting of LM data
-        from mentor.domain_mixing import build_domain_mixture
-
-        return build_domain_mixture(cfg, teacher, train_data, collate, val_data, info)
     if task != "classification":
         raise ValueError(
             f"selection (teacher budgets) supports classification data, and method ddk on "

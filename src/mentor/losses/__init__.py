@@ -11,6 +11,7 @@ per-sequence ``groups`` / ``rewards``; :mod:`mentor.losses.xtok` the cross-token
 """
 
 from mentor.losses._base import LOSSES, Loss, get_loss, list_losses, register_loss
+from mentor.losses.cts import cts_kl as cts_kl  # CTS-KL (mentor.pruning.cts)
 from mentor.losses.feature import (
     attention_transfer,
     cosine_embedding,

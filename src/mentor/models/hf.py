@@ -6,6 +6,7 @@ logits, classifiers ``[B, C]`` logits, embedders ``[B, D]`` L2-normalised senten
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -228,8 +229,14 @@ def save_hf(model: nn.Module, folder: Path, tokenizer: Any = None) -> dict[str, 
     return meta
 
 
-def load_hf(folder: Path, meta: dict[str, Any]) -> nn.Module:
-    """Rebuild what ``save_hf`` wrote (no remote code; weights via safetensors)."""
+def load_hf(
+    folder: Path, meta: dict[str, Any], prepare: Callable[[nn.Module], Any] | None = None
+) -> nn.Module:
+    """Rebuild what ``save_hf`` wrote (no remote code; weights via safetensors).
+
+    ``prepare(encoder)`` runs on an adapter's encoder built from its config, before the saved
+    weights load (e.g. re-applying heads removed by structured pruning).
+    """
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
@@ -243,6 +250,8 @@ def load_hf(folder: Path, meta: dict[str, Any]) -> nn.Module:
             return cls.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32)
     config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
     encoder = AutoModel.from_config(config)
+    if prepare is not None:
+        prepare(encoder)
     kind = meta["adapter"]
     if kind not in ADAPTERS:
         raise ValueError(f"{folder}: unknown adapter {kind!r} (known: {', '.join(ADAPTERS)})")

@@ -173,8 +173,10 @@ def load_model(folder: str | Path) -> tuple[nn.Module, DataInfo]:
     fmt = meta.get("format", "builder")
     if fmt in ("hf", "hf_adapter"):
         from mentor.models.hf import load_hf
+        from mentor.pruning.structured import restore_pruned_heads
 
-        model = load_hf(folder, meta).eval()
+        # heads removed by structured pruning are re-applied before the weights load
+        model = load_hf(folder, meta, prepare=restore_pruned_heads).eval()
     elif fmt == "tfidf_mlp":
         from mentor.models.tfidf import TfidfMLP
 

@@ -246,14 +246,88 @@ def choose_layers(
     return keep
 
 
+def calibration_token_batches(
+    data: Any, n_batches: int, batch_size: int = 4
+) -> list[dict[str, Any]]:
+    """Up to ``n_batches`` batches of ``batch_size`` token sequences spread evenly over ``data``.
+
+    Items must carry ``input_ids`` (and optionally ``attention_mask``), as the token data
+    sources give (``lm_text``, tokenised text datasets); all-padding columns are trimmed.
+    """
+    import torch
+
+    try:
+        n = len(data)
+    except TypeError:
+        raise ValueError("layer_drop layers: auto needs the training set as calibration "
+                         "data (a dataset with a length)") from None  # fmt: skip
+    if n == 0:
+        raise ValueError("layer_drop layers: auto needs calibration data; the training set is "
+                         "empty")  # fmt: skip
+    take = min(n, n_batches * batch_size)
+    idx = sorted({round(i * (n - 1) / max(1, take - 1)) for i in range(take)})
+    items = [data[i] for i in idx]
+    if not all(isinstance(it, dict) and "input_ids" in it for it in items):
+        raise ValueError(
+            "layer_drop layers: auto needs token data (items with input_ids), e.g. "
+            "data.source=lm_text or a text source with a tokenizer"
+        )
+    out = []
+    for lo in range(0, len(items), batch_size):
+        chunk = items[lo : lo + batch_size]
+        ids = torch.stack([torch.as_tensor(it["input_ids"]) for it in chunk])
+        if all("attention_mask" in it for it in chunk):
+            mask = torch.stack([torch.as_tensor(it["attention_mask"]) for it in chunk])
+        else:
+            mask = torch.ones_like(ids)
+        used = mask.any(0).nonzero()
+        width = int(used.max()) + 1 if len(used) else 1
+        out.append({"input_ids": ids[:, :width], "attention_mask": mask[:, :width]})
+    return out
+
+
+def auto_layers(
+    teacher: nn.Module, data: Any, num_layers: int | None, n_batches: int = 8
+) -> list[int]:
+    """The ``num_layers`` teacher blocks of highest ShortGPT Block Importance, in order.
+
+    Block Importance ``1 - cos(block input, block output)`` averaged over the tokens of up to
+    ``n_batches`` calibration batches of 4 sequences from ``data`` (Men et al., "ShortGPT:
+    Layers in Large Language Models are More Redundant Than You Expect", 2024; Minitron's depth
+    score, Sreenivas et al., "LLM Pruning and Distillation in Practice: The Minitron Approach",
+    2024). Pure ranking, as in ShortGPT: no block is kept by rule (the first block usually
+    scores among the highest, so it normally stays; ties go to the earlier block).
+    """
+    from mentor.pruning.importance import block_importance
+
+    n = len(find_layers(teacher)[1])
+    if num_layers is None:
+        raise ValueError("layer_drop layers: auto needs num_layers=n (how many blocks to keep)")
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or not 1 <= num_layers <= n:
+        raise ValueError(f"layer_drop num_layers={num_layers}: must be in 1..{n}")
+    if isinstance(n_batches, bool) or not isinstance(n_batches, int) or n_batches < 1:
+        raise ValueError(f"layer_drop calibration_batches={n_batches}: must be an int >= 1")
+    if data is None:
+        raise ValueError(
+            "layer_drop layers: auto scores the teacher's blocks on calibration data, but no "
+            "data was given (the recipe's training set is passed when the builder is run by "
+            "mentor)"
+        )
+    scores = block_importance(teacher, calibration_token_batches(data, n_batches))
+    order = sorted(range(n), key=lambda i: (-float(scores[i]), i))
+    return sorted(order[:num_layers])
+
+
 @BUILDERS.register("layer_drop")
 def layer_drop(
     info: DataInfo,
     teacher: nn.Module | None = None,
+    data: Any = None,
     *,
-    layers: list[int] | None = None,
+    layers: list[int] | str | None = None,
     every: int | None = None,
     num_layers: int | None = None,
+    calibration_batches: int = 8,
 ) -> nn.Module:
     """A shallower copy of the teacher: chosen blocks, embeddings, norms and heads copied.
 
@@ -262,11 +336,21 @@ def layer_drop(
     Minitron prunes depth and keeps the remaining weights before distilling (Muralidharan et
     al., "Compact Language Models via Pruning and Knowledge Distillation", 2024). Give
     ``layers`` (e.g. [0, 6, 12, 18, 24, 29]), ``every`` (every k-th from 0) or ``num_layers``
-    (evenly spaced, first and last kept).
+    (evenly spaced, first and last kept). ``layers: auto`` with ``num_layers: n`` keeps the
+    ``n`` blocks of highest ShortGPT Block Importance measured on up to
+    ``calibration_batches`` batches of 4 training sequences (see :func:`auto_layers`).
     """
     teacher = _need_teacher(teacher, "layer_drop")
     path, blocks = find_layers(teacher)
-    keep = choose_layers(len(blocks), layers, every, num_layers)
+    if isinstance(layers, str):
+        if layers != "auto":
+            raise ValueError(f"layer_drop layers={layers!r}: give a list of block indices or "
+                             "'auto'")  # fmt: skip
+        if every is not None:
+            raise ValueError("layer_drop layers: auto takes num_layers=n, not every")
+        keep = auto_layers(teacher, data, num_layers, calibration_batches)
+    else:
+        keep = choose_layers(len(blocks), layers, every, num_layers)
     # copy everything but the blocks, then the kept blocks (no 30-layer deep copy)
     set_layers(teacher, path, nn.ModuleList())
     try:
@@ -386,6 +470,8 @@ def tfidf_mlp(
 
 
 __all__ = [
+    "auto_layers",
+    "calibration_token_batches",
     "choose_layers",
     "hf_causal_lm",
     "hf_classifier",
