@@ -528,7 +528,17 @@ class Distiller:
         meta = self.model.objective.tensor_state()  # tgeo_kd's fusion net and its optimizer
         if meta:
             out["objective"] = meta
+        sparse = getattr(self.model.student, "mentor_sparse", None)
+        if sparse is not None:  # the masks of a sparse student (they may change: stages, AST)
+            out["masks"] = sparse.state_dict()
         return out or None
+
+    def _sparse_step(self, step: int, total: int) -> dict[str, float]:
+        """After optimizer step ``step``: a sparse student's masks updated and enforced."""
+        sparse = getattr(self.model.student, "mentor_sparse", None)
+        if sparse is None:
+            return {}
+        return sparse.after_step(self.model.student, step, total)
 
     def _meta_batch(self, step: int) -> dict[str, Any]:
         """The held-out labelled batch of ``step`` for a meta term (the same on resume)."""
@@ -728,6 +738,11 @@ class Distiller:
             def restore(folder: Path) -> None:
                 if self.replay is not None:
                     self._restore_replay(folder, rank, acc)
+                sparse = getattr(self.model.student, "mentor_sparse", None)
+                if sparse is not None:
+                    st = ckpt.load_rank_tensors(folder, "masks", rank)
+                    if st is not None:
+                        sparse.load_state_dict(st, self.model.student)
                 if objective.meta_terms():
                     st = ckpt.load_rank_tensors(folder, "objective", rank)
                     if st is not None:
@@ -825,10 +840,12 @@ class Distiller:
                 state["step"] += 1
                 step = state["step"]
                 self._step = step
+                sparse_logs = self._sparse_step(step, total)  # pruned weights stay pruned
 
                 # 4. per-step hooks: EMA teacher, TAID schedule, weight/temperature schedules
                 values = {k: float(acc.reduce(v, "sum")) / n_global for k, v in step_terms.items()}
                 values.update(meta_values)
+                values.update(sparse_logs)
                 for name, term in objective.meta_terms().items():
                     if term.last_alpha is not None:
                         values[f"{name}.alpha"] = float(term.last_alpha)

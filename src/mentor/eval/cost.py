@@ -47,14 +47,37 @@ def parameter_count(model: nn.Module) -> int:
     return sum(seen.values())
 
 
-def size_on_disk(model: nn.Module) -> int:
-    """Bytes of the model's weights saved as safetensors."""
+def size_on_disk(model: nn.Module, compressed: bool = False) -> int | tuple[int, int]:
+    """Bytes of the model's weights saved as safetensors (and, with ``compressed``, that file
+    zlib-compressed at level 1: what a sparse model's zeros save in storage or download)."""
+    import zlib
+
     from safetensors.torch import save_model
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "m.safetensors"
         save_model(model, str(path))
-        return path.stat().st_size
+        size = path.stat().st_size
+        if not compressed:
+            return size
+        z, packed = zlib.compressobj(1), 0
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                packed += len(z.compress(chunk))
+        return size, packed + len(z.flush())
+
+
+def weight_sparsity(model: nn.Module) -> dict[str, float | int]:
+    """Exact zeros among the weight matrices (parameters with 2 or more dimensions)."""
+    total = zeros = 0
+    seen: set[int] = set()
+    for p in model.parameters():
+        if p.dim() < 2 or id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        zeros += int((p.detach() == 0).sum())
+    return {"zero_fraction": zeros / max(1, total), "nonzero_weights": total - zeros}
 
 
 @torch.no_grad()
@@ -121,9 +144,12 @@ def measure_cost(
     """Parameters, size, latency per example at batch 1, throughput at a larger batch."""
     b1 = time_batches(model, data, 1, collate=collate)
     bn = time_batches(model, data, throughput_batch, collate=collate, repeats=3)
+    size, packed = size_on_disk(model, compressed=True)  # type: ignore[misc]
     return {
         "params": parameter_count(model),
-        "size_bytes": size_on_disk(model),
+        **weight_sparsity(model),
+        "size_bytes": size,
+        "compressed_bytes": packed,
         "latency_ms": b1["median"] * 1e3,
         "latency_ms_range": [b1["min"] * 1e3, b1["max"] * 1e3],
         "throughput_per_s": throughput_batch / bn["median"],

@@ -152,6 +152,8 @@ def headline(result: dict[str, Any], name: str) -> dict[str, Any]:
         row.update(
             params=r["cost"]["params"],
             size_mb=r["cost"]["size_bytes"] / 1e6,
+            sparsity=r["cost"].get("zero_fraction", 0.0),
+            compressed_mb=r["cost"].get("compressed_bytes", r["cost"]["size_bytes"]) / 1e6,
             latency_ms=r["cost"]["latency_ms"],
             throughput_per_s=r["cost"]["throughput_per_s"],
         )

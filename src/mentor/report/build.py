@@ -101,6 +101,16 @@ def build_report(run_dir: str | Path, *, evaluate_if_missing: bool = True) -> Pa
             f"Speedup = teacher latency / model latency, measured in the same process.\n\n"
             + _md_table(header, rows)
         )
+        sparse = [n for n in ev["models"]
+                  if (ev["models"][n].get("cost") or {}).get("zero_fraction", 0) >= 0.3]  # fmt: skip
+        if sparse:
+            text += (
+                f"\n\n{', '.join(plots.LABELS.get(n, n) for n in sparse)}: weights are sparse "
+                "(`sparsity` = exact zeros among the weight matrices). The zeros are stored "
+                "in dense matrices and PyTorch's CPU kernels do the same work for them, so "
+                "unstructured and 2:4 sparsity save storage (`compressed_mb`) but give **no "
+                "CPU speed-up** here; structured pruning (smaller matrices) does."
+            )
         sections.append(("Results", text, None))
     sections.append(("Training loss terms", "Each named term of the objective, as logged.",
                      plots.loss_terms(records, pdir / "loss_terms.png")))  # fmt: skip

@@ -1,10 +1,13 @@
 """Model builders used by name for students (and teachers) in recipes.
 
 ``mlp``, ``cnn``, ``hf_causal_lm``, ``hf_classifier``, ``hf_embedder``, ``hf_config``, ``llama``,
-``layer_drop``, ``shrink``, ``tfidf_mlp`` and ``hf:<path>`` (a user's own model).
+``layer_drop``, ``shrink``, ``prune``, ``tfidf_mlp`` and ``hf:<path>`` (a user's own model).
 """
 
-from mentor.students import hf_builders  # noqa: F401  (registers the HF and TF-IDF builders)
+from mentor.students import (
+    hf_builders,  # noqa: F401  (registers the HF and TF-IDF builders)
+    prune_builder,  # noqa: F401  (registers the prune builder)
+)
 from mentor.students.builders import BUILDERS, build_model, load_model, save_model
 from mentor.students.vocab import VocabMismatchError, check_vocab, reconcile
 

@@ -105,9 +105,14 @@ def build_model(
             f"builder {builder!r} has no parameter {unknown[0]!r}."
             f"{did_you_mean(unknown[0], valid)} Valid parameters: {', '.join(valid)}"
         )
-    if "data" in sig.parameters:
-        return fn(info, teacher, data, **params)
-    return fn(info, teacher, **params)
+    model = (
+        fn(info, teacher, data, **params)
+        if "data" in sig.parameters
+        else fn(info, teacher, **params)
+    )
+    if not hasattr(model, "mentor_rebuild"):  # how save_model/load_model rebuild it
+        model.mentor_rebuild = (builder, dict(params))
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -148,6 +153,15 @@ def save_model(
         save_file(state, str(tmp))
         tmp.replace(folder / "model.safetensors")
         meta = {"format": "builder"}
+        rebuild = getattr(model, "mentor_rebuild", None)
+        if rebuild is not None and tuple(rebuild) != (builder, params):
+            # e.g. a pruned copy of a teacher: rebuilt by the teacher's (or cnn) builder
+            meta["rebuild"] = {"builder": rebuild[0], "params": rebuild[1]}
+    sparse = getattr(model, "mentor_sparse", None)
+    if sparse is not None:  # an unstructured / N:M sparse student: say how sparse
+        got = sparse.sparsity(model)
+        meta["sparsity"] = {"sparsity": got["sparsity"], "nonzero": got["nonzero"],
+                            "total": got["total"], "pattern": sparse.pattern}  # fmt: skip
     meta.update(builder=builder, params=params, info=dataclasses.asdict(info))
     if dual is not None:
         meta.update(save_dual_head(dual, folder))
@@ -182,8 +196,17 @@ def load_model(folder: str | Path) -> tuple[nn.Module, DataInfo]:
 
         model = TfidfMLP.load(folder, meta).eval()
     else:
-        model = build_model(meta["builder"], meta["params"], info)
-        model.load_state_dict(load_file(str(folder / "model.safetensors")))
+        how = meta.get("rebuild") or {"builder": meta["builder"], "params": meta["params"]}
+        model = build_model(how["builder"], how["params"], info)
+        state = load_file(str(folder / "model.safetensors"))
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise ValueError(
+                f"{folder}: the saved weights do not fit the model its mentor_model.json "
+                f"describes (builder {how['builder']!r} with {how['params']}): was it pruned "
+                f"or built with other settings? ({str(e).splitlines()[0]})"
+            ) from None
     if "dual_head" in meta:  # DHO: wrap the inner student again with its distillation head
         from mentor.students.dual_head import load_dual_head
 
