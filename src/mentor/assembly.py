@@ -60,7 +60,7 @@ from mentor.tasks import Task, get_task, heldout
 from mentor.teachers import SOURCES, TeacherSource
 
 # Student builders that copy or reshape the teacher, so need it even without teacher terms.
-FROM_TEACHER = ("layer_drop", "shrink")
+FROM_TEACHER = ("layer_drop", "shrink", "prune")
 
 
 # ----------------------------------------------------------------------------- recipe facts
