@@ -205,6 +205,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--skip-few", action="store_true")
     ap.add_argument("--docs-only", action="store_true", help="re-render docs from the JSON")
     ap.add_argument("--limit", type=int, help="use the first N training examples as the pool")
+    ap.add_argument(
+        "--add-methods",
+        help="measure only these methods and merge them into the saved results (same settings)",
+    )
     a = ap.parse_args(argv)
     if a.quick:
         C.use_quick_outputs()
@@ -214,6 +218,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         payload = json.loads((C.RESULTS / f"{name}.json").read_text())
         publish(payload)
         return payload
+    saved: dict[str, Any] | None = None
+    if a.add_methods:
+        saved = json.loads((C.RESULTS / f"{name}.json").read_text())
+        a.methods, a.skip_few = a.add_methods, True
     s = dict(SETTINGS[key])
     if a.limit:
         s["over"] = [*s["over"], f"data.params.limit={a.limit}"]
@@ -243,7 +251,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 print(f"{method:>16} @ {f:>5} ({budget}): {arms[f'{method}@{f}']['accuracy']}",
                       flush=True)  # fmt: skip
             partial = {**payload, "budget": {"arms": arms}, "partial": True}
-            C.write_json(name, partial)  # a killed run keeps the methods already measured
+            # a killed run keeps the methods already measured (never over saved results)
+            C.write_json(name if saved is None else f"{name}_adding", partial)
         payload["budget"] = {"pool": len(b.train), "heldout": len(b.val),
                              "teacher_accuracy": t_acc, "budgets": budgets, "arms": arms}  # fmt: skip
     if not a.skip_few:
@@ -260,6 +269,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         payload["few_labels"] = few
     payload.update(machine=C.machine_info(), load=C.load_note(),
                    seconds=time.perf_counter() - t_start)  # fmt: skip
+    if saved is not None:  # merge the new methods into the saved measurement
+        if saved["settings"]["over"] != s["over"] or saved["budget"]["budgets"] != budgets:
+            raise SystemExit("--add-methods: the saved results were measured with other settings")
+        old_methods = [m for m in saved["settings"]["methods"] if m not in methods]
+        saved["settings"]["methods"] = old_methods + methods
+        saved["budget"]["arms"].update(payload["budget"]["arms"])
+        saved["added"] = {"methods": methods, "machine": payload["machine"],
+                          "seconds": payload["seconds"]}  # fmt: skip
+        payload = saved
+        (C.RESULTS / f"{name}_adding.json").unlink(missing_ok=True)  # written by this run
     publish(payload)
     return payload
 
