@@ -42,6 +42,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "selection_budget_text": ("benchmarks.selection_budget", ["--quick"]),
     "kd_full_data": ("benchmarks.kd_full_data", ["--quick"]),
     "ddk_lm": ("benchmarks.ddk_lm", ["--quick"]),
+    "pruning": ("benchmarks.pruning", ["--quick"]),
 }
 # full-run arguments where a module serves several benchmarks
 FULL_ARGS = {
@@ -67,6 +68,7 @@ EXPECTED_MIN = {
     "selection_budget_text": 60,
     "kd_full_data": 30,
     "ddk_lm": 25,
+    "pruning": 20,
 }
 
 INTRO = """# Benchmarks

@@ -1,0 +1,30 @@
+"""Smoke test of benchmarks/pruning.py (one-shot pruned students, CPU cost)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_pruning_benchmark_quick(monkeypatch, tmp_path, one_thread):
+    from benchmarks import _common as C
+    from benchmarks import pruning as P
+
+    monkeypatch.setenv("MENTOR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(C, "use_quick_outputs", lambda: None)
+    monkeypatch.setattr(C, "RESULTS", tmp_path)
+    monkeypatch.setattr(C, "DOC", tmp_path / "benchmarks.md")
+    P.main(["--quick"])
+    p = json.loads((tmp_path / "pruning.json").read_text())
+    rows = {r["arm"]: r for r in p["rows"]}
+    assert rows["wanda 50%"]["zero_fraction"] > 0.3  # the prunable weights are half zeros
+    assert rows["1 of 2 layers, importance"]["param_share"] < 1.0
+    for r in p["rows"]:
+        assert r["ratio_to_teacher"] == pytest.approx(r["perplexity"] / p["teacher"]["perplexity"])
+    c = p["cost"]
+    assert c["teacher"]["latency_speedup"] == 1.0
+    assert c["wanda 50%"]["compressed_bytes"] < c["teacher"]["compressed_bytes"]
+    assert "## Pruned and sparse students" in (tmp_path / "benchmarks.md").read_text()
