@@ -34,6 +34,7 @@ LAYERS = {
     "mentor.models": 1,
     "mentor.students": 1,
     "mentor.pruning": 1,  # masks, importance, structured pruning (builders use them)
+    "mentor.diffusion": 1,  # generative students: schedules, samplers, objectives, metrics
     "mentor.signals": 1,
     "mentor.progress": 1,
     "mentor.generation": 1,
