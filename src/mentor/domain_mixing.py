@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
+from mentor.selection import WrappedTeacher, on_teacher_device, parse_every
 from mentor.teachers.base import TeacherOutput, TeacherSource
 
 CITE = (
@@ -48,18 +49,13 @@ class _Spec:  # what the engine reads of a selection method
     cite: str = CITE
 
 
-class _CountingTeacher(TeacherSource):
+class _CountingTeacher(WrappedTeacher):
     """The run's teacher, answering every batch; counts calls and checkpoints the mixture."""
 
     def __init__(self, inner: TeacherSource, owner: DomainMixture) -> None:
-        self.inner, self.owner = inner, owner
+        super().__init__(inner, owner)
         self.calls = 0
         self.eval_calls = 0
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
 
     def open_log(self, path: Any, resume: bool) -> None:
         """Nothing to log per call: every training block is a teacher call."""
@@ -67,24 +63,6 @@ class _CountingTeacher(TeacherSource):
     def __call__(self, batch: dict[str, Any]) -> TeacherOutput:
         self.calls += int(batch["input_ids"].shape[0])
         return self.inner(batch)
-
-    def to(self, device: torch.device | str) -> _CountingTeacher:
-        self.inner.to(device)
-        return self
-
-    def after_step(self, student: nn.Module) -> None:
-        self.inner.after_step(student)
-
-    def state_dict(self) -> dict[str, Tensor]:
-        state = {f"inner.{k}": v for k, v in self.inner.state_dict().items()}
-        state.update(self.owner.state())
-        return state
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        inner = {k[6:]: v for k, v in state.items() if k.startswith("inner.")}
-        if inner:
-            self.inner.load_state_dict(inner)
-        self.owner.load_state(state)
 
 
 class _Blocks(Dataset):
@@ -141,8 +119,6 @@ class DomainMixture:
         budget: int | None = None,
     ) -> None:
         """Check the data (a domain per block, held-out blocks of every domain)."""
-        from mentor.selection import parse_every
-
         self.every, unit = parse_every(every)
         if unit != "steps":
             raise ValueError(
@@ -225,8 +201,6 @@ class DomainMixture:
                 for lo in range(0, len(ps), self.batch_size):
                     batch = self.collate([self.val_data[p] for p in ps[lo : lo + self.batch_size]])
                     if teacher:
-                        from mentor.selection import on_teacher_device
-
                         b = on_teacher_device(batch, self.teacher.inner)
                         logits = self.teacher.inner(b).logits
                         self.teacher.eval_calls += len(batch["input_ids"])
@@ -237,7 +211,6 @@ class DomainMixture:
                             )
                     else:
                         from mentor.models import model_outputs
-                        from mentor.selection import on_teacher_device
 
                         b = on_teacher_device(batch, module)
                         logits = model_outputs(module, b)

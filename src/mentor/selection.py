@@ -152,7 +152,49 @@ def _dense(out: Any, num_classes: int | None) -> Any:
     return dense
 
 
-class BudgetTeacher(TeacherSource):
+class WrappedTeacher(TeacherSource):
+    """A teacher source around the recipe's own (``inner``), checkpointing its ``owner``'s state.
+
+    Attribute lookups it does not define (``module``, ``head_output``, ...) go to the inner
+    source; ``to``/``after_step`` are passed on; :meth:`state_dict` holds the inner source's
+    state under ``inner.`` plus ``owner.state()`` (a selection loop's own state).
+    """
+
+    def __init__(self, inner: TeacherSource, owner: Any = None) -> None:
+        """Wrap ``inner``; ``owner`` (optional) has ``state()`` and ``load_state(state)``."""
+        self.inner, self.owner = inner, owner
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def to(self, device: torch.device | str) -> WrappedTeacher:
+        """Move the inner teacher."""
+        self.inner.to(device)
+        return self
+
+    def after_step(self, student: nn.Module) -> None:
+        """The inner teacher's per-step hook."""
+        self.inner.after_step(student)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The inner teacher's state (``inner.``) and the owner's."""
+        state = {f"inner.{k}": v for k, v in self.inner.state_dict().items()}
+        if self.owner is not None:
+            state.update(self.owner.state())
+        return state
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore what :meth:`state_dict` saved."""
+        inner = {k[6:]: v for k, v in state.items() if k.startswith("inner.")}
+        if inner:
+            self.inner.load_state_dict(inner)
+        if self.owner is not None:
+            self.owner.load_state(state)
+
+
+class BudgetTeacher(WrappedTeacher):
     """Wraps a teacher source: answers paid examples from memory, counts and logs every call.
 
     ``pay(ids, batches)`` asks the inner teacher about examples not paid yet (at most the
@@ -163,19 +205,15 @@ class BudgetTeacher(TeacherSource):
 
     def __init__(self, inner: TeacherSource, budget: int) -> None:
         """``inner``: the recipe's teacher source; ``budget``: teacher calls allowed."""
-        self.inner, self.budget = inner, int(budget)
+        super().__init__(inner)
+        self.budget = int(budget)
         self.order: list[int] = []  # paid example ids, in the order they were paid
         self.store: dict[int, Tensor] = {}
         self.prepaid: dict[int, Tensor] = {}  # read back from a killed run's labels file
         self.calls = 0  # teacher calls made by this process (prepaid answers are free)
         self.eval_calls = 0
         self.log_path: Path | None = None
-        self.owner: Any = None  # the Selection using this teacher (its state is checkpointed)
-
-    def __getattr__(self, name: str) -> Any:  # module, head_output, ... of the inner source
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
+        # self.owner: the Selection using this teacher (its state is checkpointed)
 
     @property
     def spent(self) -> int:
@@ -237,20 +275,9 @@ class BudgetTeacher(TeacherSource):
         self.eval_calls += len(ids)
         return self.inner(batch)
 
-    def to(self, device: torch.device | str) -> BudgetTeacher:
-        """Move the inner teacher."""
-        self.inner.to(device)
-        return self
-
-    def after_step(self, student: nn.Module) -> None:
-        """The inner teacher's per-step hook."""
-        self.inner.after_step(student)
-
     def state_dict(self) -> dict[str, Tensor]:
         """The paid ids and outputs (checkpointed with the inner teacher's own state)."""
-        state = {f"inner.{k}": v for k, v in self.inner.state_dict().items()}
-        if self.owner is not None:  # the selection loop's own state (training subset, weights)
-            state.update(self.owner.state())
+        state = super().state_dict()
         if self.order:
             state["selection.ids"] = torch.tensor(self.order, dtype=torch.long)
             state["selection.logprobs"] = torch.stack([self.store[i] for i in self.order])
@@ -258,12 +285,8 @@ class BudgetTeacher(TeacherSource):
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         """Restore what :meth:`state_dict` saved."""
-        inner = {k[6:]: v for k, v in state.items() if k.startswith("inner.")}
-        if inner:
-            self.inner.load_state_dict(inner)
         self.order, self.store = [], {}
-        if self.owner is not None:
-            self.owner.load_state(state)
+        super().load_state_dict(state)
         if "selection.ids" in state:
             for i, row in zip(state["selection.ids"].tolist(), state["selection.logprobs"]):
                 self.order.append(int(i))
