@@ -194,6 +194,43 @@ def test_selection_every_n_steps_selects_on_step_boundaries_and_resumes_exactly(
     assert json.loads((res.run_dir / "selection.json").read_text())["rounds"] == rounds_of(full)
 
 
+def test_kd3_trains_on_the_combined_prediction_and_resumes_exactly(tmp_path):
+    kd3 = ["selection.method=kd3", "train.max_steps=30"]
+    ref = _run(tmp_path / "ref", *kd3, "train.checkpoint_every=100")
+    teacher = [f"teacher.path={ref.run_dir}/teacher", "teacher.fit=null"]
+    full = _run(tmp_path / "full", *kd3, *teacher)
+    cut = tmp_path / "cut"
+    _run(cut, *kd3[:1], "train.max_steps=10", "train.checkpoint_every=10", *teacher)
+    res = _run(cut, *kd3, *teacher, resume=True)
+    a = load_file(str(full.run_dir / "student" / "model.safetensors"))
+    b = load_file(str(res.run_dir / "student" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    class Hesitant(_Counting):  # sure of class 0 for even ids, barely prefers 0 for odd ones
+        def __call__(self, batch):
+            ids = torch.tensor([int(i) for i in batch["index"]])
+            return TeacherOutput(logits=torch.stack([torch.where(ids % 2 == 0, 6.0, 0.3),
+                                                     torch.zeros(len(ids)), torch.zeros(len(ids))], -1))  # fmt: skip
+
+    class SureOfOne(torch.nn.Module):  # a student fairly sure of class 1 everywhere (p=0.91)
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor([0.0, 3.0, 0.0]))
+
+        def forward(self, inputs):
+            return self.w.expand(len(inputs), 3)
+
+    data = [{"index": torch.tensor(i), "labels": torch.tensor(0), "inputs": torch.zeros(2)}
+            for i in range(12)]  # fmt: skip
+    from torch.utils.data import default_collate
+
+    sel = Selection("kd3", 12, 1, Hesitant(), data, default_collate, initial=12, batch_size=4)
+    got = sel.dataset(0, SureOfOne(), 0)
+    labels = {int(got[j]["index"]): int(got[j]["labels"]) for j in range(len(got))}
+    # sure teacher: its class; hesitant teacher, sure student: the combined prediction's class
+    assert labels and all(c == (0 if i % 2 == 0 else 1) for i, c in labels.items())
+
+
 def rounds_of(res):
     return json.loads((res.run_dir / "selection.json").read_text())["rounds"]
 

@@ -499,6 +499,7 @@ class Selection:
             self.domains = [_domain_of(it, domain) for it in items]
         self.records: list[dict[str, Any]] = []
         self.kept: dict[int, list[int]] = {}  # round -> ids trained on (train filters)
+        self.kd3_labels: dict[int, int] = {}  # KD³: this round's combined pseudo-labels
         self.llkd_state: Any = None  # LLKD's moving-average thresholds
         self.min_train = 1  # a round trains on at least this many (the engine: one batch)
         self._logged: set[int] = set()  # rounds whose training subset was recorded
@@ -648,6 +649,9 @@ class Selection:
             keep = selectors.llkd_select(t, s, state=self.llkd_state)
         else:
             keep = selectors.kd3_select(t, s)
+            # KD³ trains on the combined prediction's class (kept for this round, checkpointed)
+            q = selectors.kd3_combined(t, s)
+            self.kd3_labels = dict(zip(paid, q.argmax(-1).tolist()))
         keep = keep.bool().tolist()
         out = [i for i, k, p in zip(paid, keep, pos) if k or self._labelled(p)]
         if len(out) < self.min_train:  # too few pass for one batch: the teacher's surest join
@@ -662,6 +666,8 @@ class Selection:
         p = self.position[i]
         if self._labelled(p):
             return self.labels[p]
+        if self.pseudo_labels and i in self.kd3_labels:
+            return self.kd3_labels[i]
         return int(self.teacher.store[i].argmax()) if self.pseudo_labels else -100
 
     def dataset(self, epoch: int, student: nn.Module, step: int) -> Dataset:
@@ -717,6 +723,8 @@ class Selection:
             out["selection.kept"] = torch.tensor(ids, dtype=torch.long)
         if self.domain_weights is not None:
             out["selection.domain_weights"] = self.domain_weights.clone()
+        if self.kd3_labels:
+            out["selection.kd3_labels"] = torch.tensor(sorted(self.kd3_labels.items()))
         st = self.llkd_state
         if st is not None and st.teacher_class is not None:
             out["selection.llkd.scalars"] = torch.tensor(
@@ -735,6 +743,8 @@ class Selection:
             self._logged.add(e)
         if "selection.domain_weights" in state:
             self.domain_weights = state["selection.domain_weights"].float()
+        if "selection.kd3_labels" in state:
+            self.kd3_labels = {int(i): int(c) for i, c in state["selection.kd3_labels"].tolist()}
         if "selection.llkd.scalars" in state:
             from mentor.selectors import LLKDState
 
