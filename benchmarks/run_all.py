@@ -43,6 +43,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "kd_full_data": ("benchmarks.kd_full_data", ["--quick"]),
     "ddk_lm": ("benchmarks.ddk_lm", ["--quick"]),
     "pruning": ("benchmarks.pruning", ["--quick"]),
+    "sparse_cnn": ("benchmarks.sparse_cnn", ["--quick"]),
 }
 # full-run arguments where a module serves several benchmarks
 FULL_ARGS = {
@@ -69,6 +70,7 @@ EXPECTED_MIN = {
     "kd_full_data": 30,
     "ddk_lm": 25,
     "pruning": 20,
+    "sparse_cnn": 30,
 }
 
 INTRO = """# Benchmarks
