@@ -74,7 +74,7 @@ def run_arm(
                  f"selection.params.eval_blocks={st['eval_blocks']}"]  # fmt: skip
     cfg = load_config(st["recipe"], over)
     t0 = time.perf_counter()
-    res = distill(cfg, quiet=True)
+    res = distill(cfg, quiet=True, final=False)  # scored below, per domain
     train_s = time.perf_counter() - t0
     asm = Assembly(cfg)
     bundle = asm.data
