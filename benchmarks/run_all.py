@@ -43,6 +43,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "kd_full_data": ("benchmarks.kd_full_data", ["--quick"]),
     "ddk_lm": ("benchmarks.ddk_lm", ["--quick"]),
     "pruning": ("benchmarks.pruning", ["--quick"]),
+    "search_proxy": ("benchmarks.search_proxy", ["--quick"]),
     "sparse_cnn": ("benchmarks.sparse_cnn", ["--quick"]),
 }
 # full-run arguments where a module serves several benchmarks
@@ -70,6 +71,7 @@ EXPECTED_MIN = {
     "kd_full_data": 30,
     "ddk_lm": 25,
     "pruning": 20,
+    "search_proxy": 15,
     "sparse_cnn": 30,
 }
 

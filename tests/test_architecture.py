@@ -18,6 +18,7 @@ LAYERS = {
     "mentor.report": 6,
     "mentor.assembly": 5,
     "mentor.labeling": 5,  # `mentor generate --task label|rationale`: uses the assembly
+    "mentor.search": 5,  # `mentor search`: candidate students scored through the assembly
     "mentor.engine": 4,
     "mentor.config": 3,  # validates names against the registries below
     "mentor.teachers": 2,

@@ -319,6 +319,67 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _search_parser() -> argparse.ArgumentParser:
+    """Options of `mentor search` (options and overrides may be intermixed)."""
+    p = argparse.ArgumentParser(
+        prog="mentor search",
+        description="Score candidate students of a recipe (a grid of student settings) with a "
+        "training-free DisWOT proxy and/or a short distillation, measure their cost, and report "
+        "the Pareto front (search.json, search.md, search.png in --out). See docs/search.md.",
+    )
+    p.add_argument("recipe", help="recipe name or YAML file")
+    p.add_argument("overrides", nargs="*", help="dotted overrides such as teacher.fit.epochs=5")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=YAML_LIST",
+                   help="a searched key and its values, e.g. 'student.params.hidden=[[16],[32]]' "
+                   "(repeat for a Cartesian product; default: a grid per student builder)")  # fmt: skip
+    p.add_argument("--proxy", default="both", choices=["diswot", "short_kd", "both"])
+    p.add_argument("--proxy-steps", type=int, default=20, help="steps of the short-KD proxy")
+    p.add_argument("--rank-by", default=None, choices=["diswot", "short_kd"],
+                   help="proxy that ranks (default: short_kd when it runs)")  # fmt: skip
+    p.add_argument("--confirm", type=int, default=0, metavar="K",
+                   help="train the top K with the recipe's length; Spearman of each proxy")  # fmt: skip
+    p.add_argument("--teachers", nargs="+", action="extend", default=[], metavar="OVERRIDES",
+                   help="teacher variants, each a quoted set of teacher.* overrides: the best "
+                   "candidate is distilled from each (capacity gap)")  # fmt: skip
+    p.add_argument("--seeds", type=int, default=3, help="DisWOT: initialisations per candidate")
+    p.add_argument("--out", default=None, help="output folder (default runs/search-RECIPE)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    return p
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from mentor.search import search
+
+    args = _search_parser().parse_intermixed_args(args.args)
+    res = search(
+        args.recipe, args.overrides, grid=args.grid, proxy=args.proxy,
+        proxy_steps=args.proxy_steps, confirm=args.confirm, teachers=args.teachers,
+        out=args.out, overwrite=args.overwrite, rank_by=args.rank_by, seeds=args.seeds,
+    )  # fmt: skip
+    rows = sorted(res["candidates"], key=lambda r: r["rank"])
+    table = Table("rank", "candidate", *res["proxies"], "params", "latency ms", "front",
+                  title=f"mentor search {res['recipe']} (by {res['rank_by']})")  # fmt: skip
+    for r in rows[:20]:
+        front = ("P" if r["pareto_params"] else "") + ("L" if r["pareto_latency"] else "")
+        lat = r.get("latency_ms")
+        table.add_row(str(r["rank"]), r["label"], *(f"{r[p]['score']:.4g}" for p in res["proxies"]),
+                      f"{r['params']:,}", f"{lat:.3g}" if lat is not None else "-", front)  # fmt: skip
+    console.print(table)
+    if "confirm" in res:
+        corr = ", ".join(
+            f"{k} {v:.3f}" if v is not None else f"{k} -"
+            for k, v in res["confirm"]["spearman"].items()
+            if "." not in k
+        )
+        console.print(f"Spearman with the final {res['confirm']['metric']}: {corr}")
+    if "teachers" in res:
+        console.print(
+            f"capacity gap: the best student comes from {res['teachers']['best_teacher']}"
+        )
+    console.print(f"wrote {res['out']}/search.json, search.md, search.png")
+    return 0
+
+
 def _cmd_serve_teacher(args: argparse.Namespace) -> int:
     from mentor.serve import load_teacher, serve
 
@@ -400,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("cache", _cmd_cache, "run a recipe's teacher once and store its signals (see -h)"),
         ("plan", _cmd_plan, "estimate parameters, FLOPs, cache size and logit memory"),
         ("generate", _cmd_generate, "sample completions of a recipe's prompts (seq-KD data)"),
+        ("search", _cmd_search, "score candidate students: DisWOT, short KD, Pareto front"),
     ):
         s = sub.add_parser(name, help=help_, add_help=False, prefix_chars="\0")
         s.add_argument(
