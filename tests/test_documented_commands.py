@@ -148,6 +148,18 @@ def test_recipe_command_path(recipe, tmp_path, monkeypatch, capsys):
     task = load_config(recipe).data.source
     # a cache (and a label-only baseline) has no teacher budget: drop the recipe's selection
     nosel = ["selection=null"] if load_config(recipe).selection is not None else []
+    if load_config(recipe).diffusion is not None:  # generative: no logits to plan or cache
+        for cmd in (["plan", recipe], ["cache", recipe, "--out", "cache"]):
+            assert main([*cmd, *smoke]) != 0
+            assert "diffusion" in capsys.readouterr().err
+        assert main(["distill", recipe, "output.dir=runs/cached", *smoke]) == 0
+        assert main(["eval", "runs/cached"]) == 0
+        assert main(["report", "runs/cached"]) == 0
+        assert (tmp_path / "runs/cached/report.html").exists()
+        shutil.copytree("runs/cached", "runs/again")
+        assert main(["compare", "runs/cached", "runs/again", "--out", "cmp.png"]) == 0
+        capsys.readouterr()
+        return
     assert main(["plan", recipe, "--top-k", "8", *smoke]) == 0
     if task == "xtok_text":  # cross-tokenizer: refused with a clear error, the teacher runs online
         assert main(["cache", recipe, "--out", "cache", "--top-k", "8", *smoke]) != 0

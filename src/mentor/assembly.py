@@ -165,10 +165,15 @@ def teacher_fit_key(tc: TeacherConfig, cfg: RunConfig, bundle: DataBundle) -> st
     different data, e.g. ``fashion_mnist`` falling back to digits when its files are missing.
     """
     resolved = [dataclasses.asdict(bundle.info), len(bundle.train), len(bundle.val)]
-    return _hash(
-        [tc.builder, tc.params, tc.fit.model_dump() if tc.fit else None, cfg.data.model_dump(),
-         cfg.train.seed, resolved]
-    )  # fmt: skip
+    parts = [tc.builder, tc.params, tc.fit.model_dump() if tc.fit else None, cfg.data.model_dump(),
+             cfg.train.seed, resolved]  # fmt: skip
+    if bundle.info.task == "diffusion" and cfg.diffusion is not None:  # diffusion task:
+        d = cfg.diffusion  # the denoiser is fitted on this schedule (and weight EMA)
+        sched = d.scheduler_config and Path(d.scheduler_config).expanduser()
+        sched = sched.read_text() if sched and sched.is_file() else None
+        parts.append([d.prediction_type, d.beta_schedule, d.num_train_timesteps, d.teacher_ema,
+                      sched])  # fmt: skip
+    return _hash(parts)
 
 
 # ----------------------------------------------------------------------------- fitting on labels
@@ -456,10 +461,15 @@ class Assembly:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and rank != 0:
             return self._wait_for_fit(places[-1], key)  # only rank 0 fits and writes
         known: dict[int, Tensor] = {}
-        fit_on_labels(
-            model, self.data, tc.fit, self.cfg.train.seed,
-            progress=self.cfg.train.progress, known=known,
-        )  # fmt: skip
+        if self.data.info.task == "diffusion":  # diffusion task: the denoising objective
+            from mentor.engine.diffusion import fit_teacher
+
+            fit_teacher(model, self.data, tc.fit, self.cfg)
+        else:
+            fit_on_labels(
+                model, self.data, tc.fit, self.cfg.train.seed,
+                progress=self.cfg.train.progress, known=known,
+            )  # fmt: skip
         if known:
             self._known[id(model)] = known
         _save_fitted(model, shared_teachers() / key, tc, self.data, key, known)
@@ -677,8 +687,14 @@ def distill(
     together afterwards and writes it from that evaluation).
     """
     Distiller.check_output(cfg, resume)  # before anything is built or written
+    if cfg.diffusion is not None:  # the generative task (docs/diffusion.md)
+        return distill_diffusion(cfg, resume=resume, quiet=quiet, final=final)
     set_seed(cfg.train.seed)
     asm = Assembly(cfg)
+    if asm.data.info.task == "diffusion":
+        from mentor.engine.diffusion import diffusion_section_missing
+
+        raise ValueError(diffusion_section_missing(cfg))
     bundle, objective = asm.data, asm.objective
     student = asm.student
     teacher = asm.teacher_source()
@@ -962,6 +978,10 @@ def evaluate_run(
 
     run_dir = Path(run_dir)
     loaded = load_run(run_dir, data_overrides)
+    if loaded.cfg.diffusion is not None:  # the generative task: samples, not predictions
+        if baseline is not None:
+            raise ValueError("--baseline compares classifiers; a diffusion run has no baseline")
+        return evaluate_diffusion_run(loaded, run_dir, latency=measure)
     models: dict[str, nn.Module] = {}
     if loaded.teacher is not None:
         models["teacher"] = loaded.teacher
@@ -1000,6 +1020,241 @@ def evaluate_run(
     return result
 
 
+# ----------------------------------------------------------------------------- diffusion task
+# The generative task (docs/diffusion.md): mentor.engine.diffusion trains and evaluates; this
+# block builds its parts from a recipe and fits / caches the image metrics' feature classifier.
+
+# The classifier whose penultimate features the image metrics compare (Inception weights are
+# not available offline): fitted on the training images' labels, cached like fitted teachers.
+FEATURE_NET = {"builder": "cnn", "params": {"channels": [16, 32], "hidden": 64},
+               "fit": {"epochs": 20, "lr": 1e-3, "batch_size": 64}}  # fmt: skip
+FEATURE_NET_DIR = "feature_net"
+EVAL_SAMPLES_FILE = "eval_samples.npz"
+
+
+def _renamed(e: ValueError, role: str) -> ValueError:
+    msg = str(e).replace("model.params", f"{role}.params")
+    return ValueError(msg.replace("builder '", f"{role}.builder '", 1))
+
+
+def diffusion_parts(asm: Assembly) -> tuple[nn.Module, Any]:
+    """The teacher denoiser (loaded, or built and fitted through the shared teacher cache) and
+    the noise schedule, after checking the recipe fits the diffusion task."""
+    from mentor.engine.diffusion import check_teacher_sampler, make_schedule
+    from mentor.students.denoiser_builders import set_role
+
+    cfg = asm.cfg
+    unused = [k for k, on in (("selection", cfg.selection is not None),
+                              ("eval.label_only", cfg.eval.label_only),
+                              ("student.dual_head", cfg.student.dual_head is not None),
+                              ("generation.mode", cfg.generation.mode != "off")) if on]  # fmt: skip
+    if unused:
+        raise ValueError(
+            f"{', '.join(unused)}: not used by the diffusion task (classifiers and language "
+            "models only); remove it from the recipe"
+        )
+    if asm.data.info.task != "diffusion":
+        raise ValueError(
+            f"the recipe has a diffusion: section but data.source={cfg.data.source} gives "
+            f"{asm.data.info.task} data; use gmm2d, digits_images or fashion_images"
+        )
+    if cfg.teacher.source != "online":
+        raise ValueError(
+            f"teacher.source={cfg.teacher.source}: the diffusion task runs its teacher online "
+            "(the student queries it at its own noisy samples, which cannot be cached); use "
+            "teacher.builder with teacher.fit, or teacher.path"
+        )
+    if not asm.has_module():
+        raise ValueError("the diffusion task needs a teacher denoiser: teacher.builder "
+                         "(mlp_denoiser, unet_denoiser) with teacher.fit, or teacher.path")  # fmt: skip
+    schedule = make_schedule(cfg.diffusion)
+    check_teacher_sampler(schedule, cfg.diffusion)
+    try:
+        teacher = asm.module()
+    except ValueError as e:
+        raise _renamed(e, "teacher") from None
+    from mentor.diffusion.denoisers import data_shape
+
+    shape, want = data_shape(teacher), tuple(asm.data.info.input_shape or ())
+    if shape is not None and shape != want:
+        where = f"teacher.path={cfg.teacher.path}" if cfg.teacher.path else "teacher.params"
+        raise ValueError(
+            f"the teacher ({where}) generates {'x'.join(map(str, shape))} data but the data "
+            f"are {'x'.join(map(str, want))}: use a teacher built for this data"
+        )
+    if cfg.teacher.fit is None and not cfg.teacher.path:
+        console.print("[yellow]warning: teacher.fit is not set: the teacher is an untrained "
+                      "denoiser[/]")  # fmt: skip
+    return set_role(teacher.eval().requires_grad_(False), "teacher"), schedule
+
+
+def distill_diffusion(
+    cfg: RunConfig, *, resume: bool = False, quiet: bool = False, final: bool = True
+) -> RunResult:
+    """``mentor distill`` for a recipe with a ``diffusion:`` section: fit (or load) the teacher
+    denoiser, build the student and the objective, train, evaluate (``final_metrics.json``)."""
+    from mentor.diffusion.denoisers import check_compatible
+    from mentor.engine.diffusion import (
+        DiffusionDistiller,
+        build_diffusion_objective,
+        headline,
+        total_steps,
+    )
+    from mentor.students.denoiser_builders import build_denoiser
+
+    set_seed(cfg.train.seed)
+    asm = Assembly(cfg)
+    bundle = asm.data
+    teacher, schedule = diffusion_parts(asm)
+    set_seed(cfg.train.seed)
+    s = cfg.student
+    student = build_denoiser("student", s.builder, s.params, bundle.info, teacher)
+    check_compatible(teacher, student)
+    steps = total_steps(cfg, len(bundle.train))
+    objective = build_diffusion_objective(cfg.diffusion, schedule, steps)
+    if not quiet:
+        console.print(
+            f"[bold]{cfg.name}[/]: teacher params {count_parameters(teacher):,}, student params "
+            f"{count_parameters(student):,} ({s.builder}); diffusion objective "
+            f"{cfg.diffusion.objective}, {steps} steps"
+        )
+    distiller = DiffusionDistiller(student, teacher, objective, bundle.train, cfg,
+                                   info=bundle.info)  # fmt: skip
+    run_dir = distiller.fit(resume=resume)
+    asm.save_fitted_teachers(run_dir)
+    metrics: dict[str, Any] = {}
+    if final:
+        ev = _diffusion_eval(asm, run_dir, student, teacher, objective, progress=not quiet)
+        metrics = headline(ev, cfg.diffusion)
+        if distiller.diverged_at is not None:
+            metrics["fake_score_diverged_at_step"] = distiller.diverged_at
+        write_final_metrics(run_dir, metrics)
+    return RunResult(run_dir, metrics, student, teacher)
+
+
+def diffusion_feature_net(asm: Assembly, run_dir: Path | None = None) -> tuple[nn.Module, dict]:
+    """The image metrics' feature classifier (:data:`FEATURE_NET`), fitted once on the
+    training images' labels and kept like a fitted teacher (``$MENTOR_CACHE/teachers/<key>``,
+    copied to ``RUN/feature_net``); returns it and a description (held-out accuracy)."""
+    from mentor.data.generative import data_tensor
+    from mentor.data.sources import DataInfo
+
+    b, cfg = asm.data, asm.cfg
+    tr, va = b.train, b.val
+    cls = DataBundle(
+        TensorDataset(data_tensor(tr), torch.as_tensor(tr.labels), torch.as_tensor(tr.ids)),
+        TensorDataset(data_tensor(va), torch.as_tensor(va.labels), torch.as_tensor(va.ids)),
+        DataInfo(task="classification", in_features=b.info.in_features,
+                 input_shape=b.info.input_shape, num_classes=b.info.num_classes,
+                 class_names=list(b.info.class_names)),
+    )  # fmt: skip
+    tc = TeacherConfig(**FEATURE_NET)
+    key = teacher_fit_key(tc, cfg, cls)
+    places = ([run_dir / FEATURE_NET_DIR] if run_dir is not None else []) + [
+        shared_teachers() / key
+    ]
+    model = None
+    for folder in places:
+        meta = folder / "fit_key.txt"
+        if meta.exists() and meta.read_text() == key and not verify_folder(folder):
+            model = load_model(folder)[0]
+            break
+    if model is None:
+        set_seed(cfg.train.seed)
+        model = build_model(tc.builder, tc.params, cls.info)
+        fit_on_labels(model, cls, tc.fit, cfg.train.seed, label="feature classifier",
+                      progress=cfg.train.progress)  # fmt: skip
+        _save_fitted(model, shared_teachers() / key, tc, cls, key)
+    if run_dir is not None and not (run_dir / FEATURE_NET_DIR / "fit_key.txt").exists():
+        _save_fitted(model, run_dir / FEATURE_NET_DIR, tc, cls, key)
+    model.eval()
+    with torch.no_grad():
+        acc = float((model(cls.val.inputs).argmax(-1) == cls.val.labels).float().mean())
+    desc = {"builder": tc.builder, "params": tc.params, "fit": FEATURE_NET["fit"],
+            "features": "penultimate layer", "held_out_accuracy": acc}  # fmt: skip
+    return model, desc
+
+
+def _diffusion_eval(
+    asm: Assembly, run_dir: Path, student: nn.Module, teacher: nn.Module, objective: Any,
+    *, progress: bool = True, latency: bool = True,
+) -> dict[str, Any]:  # fmt: skip
+    """Evaluate a diffusion run's teacher and student; the samples go to eval_samples.npz."""
+    import numpy as np
+
+    from mentor.engine.diffusion import evaluate, torch_threads
+
+    cfg, bundle = asm.cfg, asm.data
+    features, info = None, None
+    if len(bundle.info.input_shape or ()) > 1:
+        net, info = diffusion_feature_net(asm, run_dir)
+        body = nn.Sequential(*list(net)[:-1]).eval()
+
+        def features(x: Tensor) -> Tensor:
+            with torch.no_grad():
+                return torch.cat([body(x[i : i + 512]) for i in range(0, len(x), 512)])
+
+    dev = next(teacher.parameters()).device
+    student.to(dev)
+    with torch_threads(cfg.diffusion, bundle.info):
+        ev, samples = evaluate(student, teacher, objective, bundle, cfg, features=features,
+                               feature_info=info, progress=progress and cfg.train.progress,
+                               latency=latency)  # fmt: skip
+    tmp = run_dir / (EVAL_SAMPLES_FILE + ".tmp.npz")
+    np.savez_compressed(tmp, **samples)
+    tmp.replace(run_dir / EVAL_SAMPLES_FILE)
+    return ev
+
+
+def evaluate_diffusion_run(
+    loaded: LoadedRun, run_dir: Path, *, latency: bool = True
+) -> dict[str, Any]:
+    """``mentor eval`` of a diffusion run: eval.json with the NFE table and the speed-up."""
+    from mentor.engine.diffusion import (
+        build_diffusion_objective,
+        headline,
+        make_schedule,
+        total_steps,
+    )
+    from mentor.eval.cost import machine
+    from mentor.students.denoiser_builders import set_role
+
+    cfg, asm = loaded.cfg, loaded.assembly
+    assert asm is not None and loaded.teacher is not None
+    schedule = make_schedule(cfg.diffusion)
+    objective = build_diffusion_objective(
+        cfg.diffusion, schedule, total_steps(cfg, len(loaded.bundle.train))
+    )
+    teacher = set_role(loaded.teacher, "teacher")
+    student = set_role(loaded.student, "student")
+    ev = _diffusion_eval(asm, run_dir, student, teacher, objective, latency=latency)
+    result = {
+        "task": "diffusion",
+        "name": cfg.name,
+        "run": str(run_dir),
+        "seed": cfg.train.seed,
+        "examples": ev["samples"],
+        "machine": {**machine(), "torch_threads": ev["threads"]},
+        "diffusion": ev,
+        "headline": headline(ev, cfg.diffusion),
+        "models": {
+            m: {k: v for k, v in _best_row(ev, m, cfg.diffusion).items() if k != "model"}
+            for m in ("teacher", "student")
+        },
+    }
+    tmp = run_dir / "eval.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(run_dir / "eval.json")
+    return result
+
+
+def _best_row(ev: dict[str, Any], model: str, dcfg: Any) -> dict[str, Any]:
+    rows = [r for r in ev["rows"] if r["model"] == model]
+    if model == "teacher":
+        return next(r for r in rows if r["nfe"] == dcfg.teacher_steps)
+    return min(rows, key=lambda r: r["nfe"])
+
+
 def cache_recipe(
     cfg: RunConfig,
     out: str | Path,
@@ -1016,6 +1271,11 @@ def cache_recipe(
     bad = [s for s in splits if s not in ("train", "val")]
     if bad or not splits:
         raise ValueError(f"--splits {','.join(splits)}: choose from train, val")
+    if cfg.diffusion is not None:
+        raise ValueError(
+            "a diffusion recipe's teacher cannot be cached: the student queries it at its own "
+            "noisy samples during training (run mentor distill; see docs/diffusion.md)"
+        )
     asm = Assembly(cfg)
     src = asm.source_class
     built: Any = None  # a source that runs several modules itself (source: routed)
@@ -1070,6 +1330,11 @@ def plan_recipe(
     from mentor.cache.plan import estimate
     from mentor.models import model_outputs
 
+    if cfg.diffusion is not None:
+        raise ValueError(
+            "mentor plan estimates logit caches and per-token FLOPs; a diffusion recipe has no "
+            "logits to cache (its cost is the NFE table of mentor eval; see docs/diffusion.md)"
+        )
     asm = Assembly(cfg)
     bundle = asm.data
     needs = asm.has_module() and student_needs_teacher(cfg)
@@ -1443,6 +1708,8 @@ __all__ = [
     "check_student_vocab",
     "data_tokenizer",
     "distill",
+    "distill_diffusion",
+    "evaluate_diffusion_run",
     "evaluate_run",
     "fit_on_labels",
     "generate_meta_diff",

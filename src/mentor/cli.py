@@ -61,6 +61,11 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     for key, text in labels.items():
         if isinstance(result.metrics.get(key), float):
             console.print(f"{text}: {result.metrics[key]:.4f}")
+    if result.metrics.get("task") == "diffusion":  # the generative task
+        from mentor.report.build import diffusion_lines
+
+        for line in diffusion_lines(result.metrics):
+            console.print(line, highlight=False)
     sel = result.run_dir / "selection.json"
     if sel.exists():
         import json
@@ -82,11 +87,22 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from mentor.report.build import summary_rows
 
     ev = evaluate_run(args.run_dir, baseline=args.baseline, data_overrides=args.data)
-    header, rows = summary_rows(ev)
-    table = Table(*header, title=f"{ev['name']}: held-out evaluation ({ev['examples']} examples)")
+    if ev.get("task") == "diffusion":  # the generative task: one row per model and NFE
+        from mentor.report.build import diffusion_table
+
+        header, rows = diffusion_table(ev)
+        title = f"{ev['name']}: samples by NFE ({ev['examples']} per setting)"
+    else:
+        header, rows = summary_rows(ev)
+        title = f"{ev['name']}: held-out evaluation ({ev['examples']} examples)"
+    table = Table(*header, title=title)
     for r in rows:
         table.add_row(*r)
     console.print(table)
+    sp = ev.get("diffusion", {}).get("speedup")
+    if sp:
+        console.print(f"speed-up of the {sp['student_nfe']}-step student over the "
+                      f"{sp['teacher_nfe']}-step teacher: {sp['speedup']:.1f}x")  # fmt: skip
     console.print(f"wrote {args.run_dir}/eval.json")
     return 0
 

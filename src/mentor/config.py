@@ -13,6 +13,7 @@ text as written: YAML 1.1 would otherwise turn ``off``/``no``/``yes`` into boole
 from __future__ import annotations
 
 import copy
+import re
 import types
 from collections.abc import Sequence
 from pathlib import Path
@@ -347,6 +348,152 @@ class SelectionConfig(_Strict):
         return v
 
 
+# ----------------------------------------------------------------------------- diffusion
+# (the generative task: docs/diffusion.md; trained by mentor.engine.diffusion)
+
+DIFFUSION_SAMPLERS = ("ddim", "euler", "dpm_multistep")
+BETA_SCHEDULES = ("squaredcos_cap_v2", "linear", "scaled_linear")
+
+
+class DiffusionConfig(_Strict):
+    """Few-step distillation of a diffusion teacher (data of task ``diffusion``).
+
+    ``objective`` names a :data:`mentor.diffusion.objectives.DIFFUSION_OBJECTIVES` entry and
+    ``params`` its keyword parameters (validated by ``build_objective``), or one block of
+    parameters per objective name (the chosen objective's block is used). The noise schedule
+    (``prediction_type``, ``beta_schedule``, ``num_train_timesteps``) is shared by teacher,
+    student and objective; the cosine schedule needs ``v_prediction`` (or ``sample``) — with
+    ``epsilon`` its last timestep (alpha ~ 5e-5) makes the x0 estimate explode.
+    ``teacher_steps``/``teacher_sampler``: the reference teacher sampler (the speed-up is the
+    1-step student against it); ``student_steps`` / ``eval_teacher_steps``: the NFEs evaluated;
+    ``eval_samples``: samples drawn per setting; ``teacher_ema``: EMA decay of the teacher fit
+    (``teacher.fit``); ``threads``: torch threads while training and evaluating (None: 1 for
+    2-D points, where thread start-up costs more than the tiny matrix products, else torch's);
+    ``scheduler_config``: a diffusers ``scheduler_config.json`` to take the schedule from
+    (then ``prediction_type``/``beta_schedule``/``num_train_timesteps`` are read from it).
+    """
+
+    objective: str = "consistency_distillation"
+    params: dict[str, Any] = Field(default_factory=dict)
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "v_prediction"
+    beta_schedule: str = "squaredcos_cap_v2"
+    num_train_timesteps: int = Field(1000, ge=2)
+    teacher_steps: int = 50
+    teacher_sampler: str = "ddim"
+    student_steps: list[int] = Field(default_factory=lambda: [1, 2, 4])
+    eval_samples: int = Field(2000, ge=8)
+    eval_teacher_steps: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 50])
+    teacher_ema: float | None = Field(None, gt=0, lt=1)
+    threads: int | None = Field(None, ge=1)
+    # a diffusers scheduler_config.json (a pretrained pipeline's) instead of the three keys above
+    scheduler_config: str | None = None
+
+    @field_validator("objective")
+    @classmethod
+    def _known_objective(cls, v: str) -> str:
+        from mentor.diffusion.objectives import DIFFUSION_OBJECTIVES
+
+        names = sorted(DIFFUSION_OBJECTIVES)
+        if v not in names:
+            raise ValueError(
+                f"unknown diffusion objective {v!r}.{did_you_mean(v, names)} Valid: "
+                f"{', '.join(names)}"
+            )
+        return v
+
+    @field_validator("teacher_sampler")
+    @classmethod
+    def _known_sampler(cls, v: str) -> str:
+        if v not in DIFFUSION_SAMPLERS:
+            raise ValueError(
+                f"unknown sampler {v!r}.{did_you_mean(v, DIFFUSION_SAMPLERS)} Valid: "
+                f"{', '.join(DIFFUSION_SAMPLERS)}"
+            )
+        return v
+
+    @field_validator("beta_schedule")
+    @classmethod
+    def _known_betas(cls, v: str) -> str:
+        if v not in BETA_SCHEDULES:
+            raise ValueError(
+                f"unknown beta schedule {v!r}.{did_you_mean(v, BETA_SCHEDULES)} Valid: "
+                f"{', '.join(BETA_SCHEDULES)}"
+            )
+        return v
+
+    @field_validator("teacher_steps", "student_steps", "eval_teacher_steps", mode="before")
+    @classmethod
+    def _nfe(cls, v: Any, info: Any) -> Any:
+        values = v if isinstance(v, list) else [v]
+        if isinstance(v, list) and not v:
+            raise ValueError("empty: list at least one NFE (e.g. [1])")
+        T = info.data.get("num_train_timesteps", 1000)
+        for n in values:
+            if isinstance(n, bool) or not isinstance(n, int):
+                raise ValueError(f"NFE {n!r} must be a whole number of sampling steps")
+            if n < 1:
+                raise ValueError(
+                    f"NFE {n}: a number of sampling steps (network evaluations) must be at least 1"
+                )
+            if n > T:
+                raise ValueError(f"NFE {n} exceeds diffusion.num_train_timesteps={T}")
+        return v
+
+    @field_validator("params")
+    @classmethod
+    def _objective_params(cls, v: dict[str, Any], info: Any) -> dict[str, Any]:
+        """Flat keyword parameters of ``objective``, or one block per objective name (the
+        chosen objective's block is used, so ``diffusion.objective=dmd2`` picks DMD2's)."""
+        name = info.data.get("objective")
+        if name is None:  # the objective itself was refused
+            return v
+        from mentor.diffusion.objectives import DIFFUSION_OBJECTIVES, objective_params
+
+        per_objective = bool(v) and all(k in DIFFUSION_OBJECTIVES for k in v)
+        named = [k for k in v if k in DIFFUSION_OBJECTIVES]
+        if named and not per_objective:
+            flat = [k for k in v if k not in DIFFUSION_OBJECTIVES]
+            raise ValueError(
+                f"blocks per objective ({', '.join(named)}) mixed with flat parameters "
+                f"({', '.join(flat)}): put each parameter in its objective's block, e.g. "
+                f"diffusion.params.{name}.{flat[0]}"
+            )
+        blocks = v if per_objective else {name: v}
+        out: dict[str, Any] = {}
+        for obj, block in blocks.items():
+            where = f"{obj}." if per_objective else ""
+            if block is None:
+                block = {}
+            if not isinstance(block, dict):
+                raise ValueError(f"{where.rstrip('.')}: a mapping of {obj}'s parameters expected")
+            if "schedule" in block:
+                raise ValueError(
+                    f"{where}schedule: the schedule is built from diffusion.prediction_type, "
+                    "diffusion.beta_schedule and diffusion.num_train_timesteps"
+                )
+            valid = [p for p in objective_params(obj) if p != "schedule"]
+            unknown = [k for k in block if k not in valid]
+            if unknown:
+                raise ValueError(
+                    f"{where}{unknown[0]}: objective {obj} has no parameter {unknown[0]!r}."
+                    f"{did_you_mean(unknown[0], valid)} Valid: {', '.join(valid)}"
+                )
+            # YAML 1.1 reads 1e-3 (no dot) as text: numbers in exponent form become floats
+            sci = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+            out[obj] = {k: float(x) if isinstance(x, str) and sci.fullmatch(x) else x
+                        for k, x in block.items()}  # fmt: skip
+        return out if per_objective else out[name]
+
+    def objective_kwargs(self) -> dict[str, Any]:
+        """The chosen objective's parameters (its block when ``params`` is per objective)."""
+        from mentor.diffusion.objectives import DIFFUSION_OBJECTIVES
+
+        p = self.params
+        if p and all(k in DIFFUSION_OBJECTIVES for k in p):
+            return dict(p.get(self.objective) or {})
+        return dict(p)
+
+
 class RunConfig(_Strict):
     """A complete distillation run."""
 
@@ -363,6 +510,8 @@ class RunConfig(_Strict):
     output: OutputConfig = Field(default_factory=OutputConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     selection: SelectionConfig | None = None
+    # the generative task (docs/diffusion.md); its recipes do not use `objective`
+    diffusion: DiffusionConfig | None = None
 
     @field_validator("objective", mode="before")
     @classmethod
@@ -379,6 +528,8 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _objective_losses(self) -> RunConfig:
+        if self.diffusion is not None:  # the logit objective is not used by the diffusion task
+            return self
         from mentor.losses import Objective
         from mentor.losses.schedules import check_schedules
 

@@ -1,6 +1,12 @@
 """Data sources: registered by name, each returns train/val datasets and a description."""
 
-from mentor.data import images, prompts, text, xtok  # noqa: F401  (registers the data sources)
+from mentor.data import (  # noqa: F401  (registers the data sources)
+    generative,
+    images,
+    prompts,
+    text,
+    xtok,
+)
 from mentor.data.sources import DATASETS, DataBundle, DataInfo, TensorDataset, build_data
 from mentor.data.text import TextDataset, TokenBlocks, text_collate
 

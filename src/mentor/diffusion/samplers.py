@@ -80,8 +80,9 @@ def _ddim_chunk(denoiser, schedule: VPSchedule, x: Tensor, steps: int, clip) -> 
     return x
 
 
-def _check_config(schedule: VPSchedule, method: str) -> None:
-    """Refuse teacher scheduler configs these samplers cannot honour."""
+def _check_config(schedule: VPSchedule, method: str, clip_x0=None) -> None:
+    """Refuse teacher scheduler configs these samplers cannot honour (dynamic thresholding:
+    only ``ddim`` with an explicit ``clip_x0`` stands in for it)."""
     var = schedule.config.get("variance_type")
     if var in ("learned", "learned_range"):
         raise ValueError(
@@ -90,7 +91,7 @@ def _check_config(schedule: VPSchedule, method: str) -> None:
             f"mentor's samplers take a denoiser that outputs one {schedule.prediction_type!r} "
             f"prediction — wrap the teacher to return only its first half of channels"
         )
-    if schedule.config.get("thresholding"):
+    if schedule.config.get("thresholding") and not (method == "ddim" and clip_x0 is not None):
         raise ValueError(
             f"sampler {method!r} does not apply dynamic thresholding, which this teacher's "
             f"scheduler config asks for (thresholding=True); use method='ddim' with clip_x0"
@@ -177,7 +178,7 @@ def sample(
             f"{steps} sampling steps exceed the teacher's {schedule.num_train_timesteps} "
             f"training timesteps"
         )
-    _check_config(schedule, method)
+    _check_config(schedule, method, clip_x0)
     if clip_x0 is None:
         cfg = schedule.config
         clip_x0 = (

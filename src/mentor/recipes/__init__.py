@@ -59,6 +59,14 @@ SMOKE_DATA = {
     "digits": ["teacher.fit.epochs=2"],
     "tiny-lm": ["teacher.fit.epochs=1", "data.params.n=96"],
     "tiny-classifier": ["teacher.fit.epochs=2"],
+    "diffusion-2d": ["data.params.n=1000", "data.params.std=0.1", "teacher.params.hidden=128",
+                     "student.params.hidden=128", "teacher.fit.epochs=150", "teacher.fit.lr=3e-3",
+                     "train.batch_size=128", "diffusion.eval_samples=300"],
+    "diffusion-digits": ["data.params.limit=200", "teacher.params.block_out_channels=[8,16]",
+                         "student.params.block_out_channels=[8,16]", "teacher.fit.epochs=2",
+                         "train.batch_size=16", "diffusion.eval_samples=32",
+                         "diffusion.eval_teacher_steps=[1,4]", "diffusion.teacher_steps=4",
+                         "diffusion.student_steps=[1]"],
 }  # fmt: skip
 
 

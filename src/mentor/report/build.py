@@ -90,7 +90,9 @@ def build_report(run_dir: str | Path, *, evaluate_if_missing: bool = True) -> Pa
     pdir = run_dir / "plots"
     pdir.mkdir(exist_ok=True)
     sections: list[tuple[str, str, Path | None]] = []  # (title, markdown text, plot)
-    if ev:
+    if ev and ev.get("task") == "diffusion":  # the generative task: NFE table and samples
+        sections += diffusion_sections(ev, run_dir, pdir)
+    elif ev:
         header, rows = summary_rows(ev)
         task = ev["task"]
         metric, direction = QUALITY.get(task, ("accuracy", ""))
@@ -117,7 +119,7 @@ def build_report(run_dir: str | Path, *, evaluate_if_missing: bool = True) -> Pa
     curve = plots.eval_curve(records, pdir / "eval_metrics.png")
     if curve:
         sections.append(("Held-out metrics during training", "", curve))
-    if ev:
+    if ev and ev.get("task") != "diffusion":
         models = ev["models"]
         rel = plots.reliability(models, pdir / "reliability.png")
         if rel:
@@ -360,7 +362,9 @@ def _setup_text(cfg: dict[str, Any], ev: dict[str, Any] | None) -> str:
     lines = [
         f"- teacher: `{cfg.get('teacher', {}).get('builder') or cfg.get('teacher', {}).get('source')}`"
         f", student: `{cfg.get('student', {}).get('builder')}` {cfg.get('student', {}).get('params', {})}",
-        "- objective: " + ", ".join(f"`{k}` {v}" for k, v in cfg.get("objective", {}).items()),
+        "- objective: " + ", ".join(f"`{k}` {v}" for k, v in cfg.get("objective", {}).items())
+        if not cfg.get("diffusion")
+        else _diffusion_setup(cfg["diffusion"]),
         f"- train: max_steps={t.get('max_steps')}, epochs={t.get('epochs')}, batch_size={t.get('batch_size')}, "
         f"lr={t.get('lr')}, schedule={t.get('schedule')}, precision={t.get('precision')}, seed={t.get('seed')}",
     ]
@@ -446,11 +450,18 @@ def compare_runs(
     from mentor.eval.run_eval import headline
 
     rows = []
+    diffusion_metric = None
     for d in map(Path, run_dirs):
         ev_path = d / "eval.json"
         if not ev_path.exists():
             raise FileNotFoundError(f"{ev_path} is missing: run `mentor eval {d}` first")
         ev = json.loads(ev_path.read_text())
+        if ev["task"] == "diffusion":  # the generative task: its headline numbers
+            head = ev.get("headline", {})
+            diffusion_metric = f"student_{ev['diffusion']['metric']}"
+            rows.append({"run": d.name, "name": ev.get("name", ""), "task": "diffusion",
+                         **{k: v for k, v in head.items() if isinstance(v, (int, float))}})  # fmt: skip
+            continue
         rows.append(
             {
                 "run": d.name,
@@ -460,7 +471,197 @@ def compare_runs(
             }
         )
     tasks = {r["task"] for r in rows}
+    if tasks == {"diffusion"} and diffusion_metric:
+        path = Path(out) if out else Path("compare.png")
+        plots.comparison(rows, diffusion_metric, path)
+        return rows, path
     metric = QUALITY.get(tasks.pop() if len(tasks) == 1 else "classification", ("accuracy",))[0]
     path = Path(out) if out else Path("compare.png")
     plots.comparison(rows, metric, path)
     return rows, path
+
+
+# ----------------------------------------------------------------------------- diffusion
+# The generative task (docs/diffusion.md): eval.json's "diffusion" block holds one row per
+# (model, NFE); RUN/eval_samples.npz a few samples of each for the plots.
+
+_DIFF_COLS = {
+    "points": [("mmd", "MMD to fresh data"), ("modes_covered", "modes covered"),
+               ("high_quality", "high-quality share")],
+    "images": [("fd", "FD (classifier features)"), ("precision", "precision"),
+               ("recall", "recall")],
+}  # fmt: skip
+
+
+def diffusion_table(ev: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the NFE table of a diffusion eval.json (one row per model and NFE)."""
+    d = ev["diffusion"]
+    cols = _DIFF_COLS[d["kind"]]
+    header = ["model", "sampler", "NFE", *(c[1] for c in cols), "latency ms/sample"]
+    rows = []
+    for r in d["rows"]:
+        name = {"noise": "pure noise (no model)"}.get(
+            r["model"], plots.LABELS.get(r["model"], r["model"])
+        )
+        lat = r.get("latency_ms")
+        rows.append([name, str(r.get("sampler", "-")), str(r["nfe"]),
+                     *(_fmt(r.get(k, float("nan"))) for k, _ in cols),
+                     f"{lat:.4f}" if isinstance(lat, float) else "-"])  # fmt: skip
+    floor = d.get("data_floor")
+    if floor:
+        what = "real data (another draw)" if d["kind"] == "points" else "training images"
+        rows.append([what, "-", "-", *(_fmt(floor.get(k, float("nan"))) for k, _ in cols), "-"])
+    return header, rows
+
+
+def diffusion_lines(metrics: dict[str, Any]) -> list[str]:
+    """What ``mentor distill`` prints for a diffusion run (from final_metrics.json)."""
+    m = metrics.get("metric", "mmd")
+    name = {"mmd": "MMD", "fd": "classifier-feature FD"}.get(m, m)
+    lines = []
+    for who in ("teacher", "student"):
+        if f"{who}_{m}" in metrics:
+            extra = ""
+            if f"{who}_coverage" in metrics:
+                extra = f", mode coverage {metrics[f'{who}_coverage']:.3f}"
+            elif f"{who}_precision" in metrics:
+                extra = (f", precision {metrics[f'{who}_precision']:.3f}, recall "
+                         f"{metrics[f'{who}_recall']:.3f}")  # fmt: skip
+            lines.append(
+                f"{who} {name} at {metrics[f'{who}_nfe']} NFE: {metrics[f'{who}_{m}']:.4f}{extra}"
+            )
+    if f"noise_{m}" in metrics:
+        lines.append(f"pure noise {name}: {metrics[f'noise_{m}']:.4f}")
+    if "speedup" in metrics:
+        lines.append(f"speed-up of the {metrics['student_nfe']}-step student over the "
+                     f"{metrics['teacher_nfe']}-step teacher: {metrics['speedup']:.1f}x")  # fmt: skip
+    if metrics.get("fake_score_diverged_at_step") is not None:
+        lines.append(f"warning: the DMD2 fake score diverged at step "
+                     f"{metrics['fake_score_diverged_at_step']}")  # fmt: skip
+    return lines
+
+
+def _diffusion_setup(d: dict[str, Any]) -> str:
+    return (f"- diffusion: objective `{d.get('objective')}` {d.get('params', {})}, "
+            f"{d.get('prediction_type')} on `{d.get('beta_schedule')}` "
+            f"({d.get('num_train_timesteps')} timesteps); the logit `objective` is not used")  # fmt: skip
+
+
+def _samples(run_dir: Path) -> dict[str, Any]:
+    import numpy as np
+
+    f = run_dir / "eval_samples.npz"
+    if not f.exists():
+        return {}
+    with np.load(f) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _diffusion_panels(d: dict[str, Any], samples: dict[str, Any]) -> list[tuple[str, str]]:
+    """(key, title) of each plotted setting: the data, the teacher and student by NFE, noise."""
+    out = [("data", "data")]
+    for r in d["rows"]:
+        if r["model"] in ("teacher", "student"):
+            out.append((f"{r['model']}_nfe{r['nfe']}", f"{r['model']}, {r['nfe']} NFE"))
+    out.append(("noise", "pure noise"))
+    return [(k, t) for k, t in out if k in samples]
+
+
+def _scatter_grid(d: dict[str, Any], samples: dict[str, Any], path: Path) -> Path | None:
+    panels = _diffusion_panels(d, samples)
+    if not panels:
+        return None
+    import numpy as np
+
+    means = np.asarray(d.get("means", []), dtype=float).reshape(-1, 2)
+    cols = min(4, len(panels))
+    nrows = -(-len(panels) // cols)
+    fig, axes = plots.plt.subplots(nrows, cols, figsize=(2.6 * cols, 2.6 * nrows), squeeze=False)
+    lim = 1.6 * max(1.0, float(np.abs(means).max()) if means.size else 1.0)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for ax, (key, title) in zip(axes.flat, panels):
+        x = np.asarray(samples[key])
+        ax.set_axis_on()
+        ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.4, color="#dd8452")
+        if means.size:
+            ax.scatter(means[:, 0], means[:, 1], marker="x", s=30, color="k", lw=1)
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(title, fontsize=9)
+    return plots._save(fig, path)
+
+
+def _image_grid(
+    d: dict[str, Any], samples: dict[str, Any], path: Path, per: int = 8
+) -> Path | None:
+    panels = _diffusion_panels(d, samples)
+    if not panels:
+        return None
+    import numpy as np
+
+    fig, axes = plots.plt.subplots(len(panels), 1, figsize=(1.1 * per, 1.25 * len(panels)),
+                                   squeeze=False)  # fmt: skip
+    for ax, (key, title) in zip(axes[:, 0], panels):
+        imgs = np.asarray(samples[key])[:per]
+        imgs = np.clip((imgs + 1) / 2, 0, 1)  # [-1, 1] -> [0, 1]
+        row = np.concatenate([np.pad(im[0], 1, constant_values=1.0) for im in imgs], axis=1)
+        ax.imshow(row, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_axis_off()
+        ax.set_title(title, fontsize=9, loc="left")
+    return plots._save(fig, path)
+
+
+def diffusion_sections(
+    ev: dict[str, Any], run_dir: Path, pdir: Path
+) -> list[tuple[str, str, Path | None]]:
+    """Report sections of a diffusion run: the NFE table with the speed-up, and the samples."""
+    d = ev["diffusion"]
+    header, rows = diffusion_table(ev)
+    points = d["kind"] == "points"
+    if points:
+        how = (
+            f"{d['samples']:,} samples per setting, from the same initial noise; MMD (RBF, "
+            f"unbiased; lower is better) against {d['reference']}; a mode is covered when a "
+            "sample lies within 3 std of it, and the high-quality share is the share of samples "
+            "within 3 std of some mode (Metz et al. 2017)."
+        )
+    else:
+        how = (
+            f"{d['samples']:,} samples per setting, from the same initial noise, against "
+            f"{d['reference']}: Fréchet distance (lower is better) and precision/recall "
+            f"(Kynkäänniemi et al. 2019). {d.get('feature_note', '')}."
+        )
+        fn = d.get("feature_net") or {}
+        if "held_out_accuracy" in fn:
+            how += f" Feature classifier held-out accuracy: {fn['held_out_accuracy']:.3f}."
+    text = (
+        f"Teacher sampler `{d['teacher_sampler']}`; student objective `{d['objective']}` "
+        f"(sampler: {d['student_sampler']}). "
+        + how
+        + " Latency: median CPU wall-clock per sample of generating a batch."
+    )
+    sp = d.get("speedup")
+    if sp:
+        text += (
+            f"\n\n**Speed-up**: the {sp['student_nfe']}-step student takes "
+            f"{sp['student_latency_ms']:.4f} ms per sample, the {sp['teacher_nfe']}-step "
+            f"teacher {sp['teacher_latency_ms']:.4f} ms: **{sp['speedup']:.1f}x** faster."
+        )
+    out: list[tuple[str, str, Path | None]] = [
+        ("Results: samples by NFE", text + "\n\n" + _md_table(header, rows), None)
+    ]
+    samples = _samples(run_dir)
+    if samples:
+        if points:
+            plot = _scatter_grid(d, samples, pdir / "samples.png")
+            cap = "Samples (orange) against the mixture means (x), per model and NFE."
+        else:
+            plot = _image_grid(d, samples, pdir / "samples.png")
+            cap = "Samples per model and NFE (the first row: held-out images)."
+        if plot:
+            out.append(("Samples", cap, plot))
+    return out

@@ -1,10 +1,12 @@
 """Model builders used by name for students (and teachers) in recipes.
 
 ``mlp``, ``cnn``, ``hf_causal_lm``, ``hf_classifier``, ``hf_embedder``, ``hf_config``, ``llama``,
-``layer_drop``, ``shrink``, ``prune``, ``tfidf_mlp`` and ``hf:<path>`` (a user's own model).
+``layer_drop``, ``shrink``, ``prune``, ``tfidf_mlp``, ``mlp_denoiser``, ``unet_denoiser`` and
+``hf:<path>`` (a user's own model).
 """
 
 from mentor.students import (
+    denoiser_builders,  # noqa: F401  (registers the diffusion denoiser builders)
     hf_builders,  # noqa: F401  (registers the HF and TF-IDF builders)
     prune_builder,  # noqa: F401  (registers the prune builder)
 )
