@@ -149,11 +149,13 @@ def headline(result: dict[str, Any], name: str) -> dict[str, Any]:
         if k in r
     }
     if "cost" in r:
+        row.update(params=r["cost"]["params"], size_mb=r["cost"]["size_bytes"] / 1e6)
+        if r["cost"].get("zero_fraction", 0.0) >= 0.01:  # a sparse model: zeros and zlib size
+            row.update(
+                sparsity=r["cost"]["zero_fraction"],
+                compressed_mb=r["cost"]["compressed_bytes"] / 1e6,
+            )
         row.update(
-            params=r["cost"]["params"],
-            size_mb=r["cost"]["size_bytes"] / 1e6,
-            sparsity=r["cost"].get("zero_fraction", 0.0),
-            compressed_mb=r["cost"].get("compressed_bytes", r["cost"]["size_bytes"]) / 1e6,
             latency_ms=r["cost"]["latency_ms"],
             throughput_per_s=r["cost"]["throughput_per_s"],
         )
