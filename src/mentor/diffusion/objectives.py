@@ -846,7 +846,41 @@ class ProgressiveDistillation(DiffusionObjective):
 # ----------------------------------------------------------------------------- 2. consistency
 
 
-class _ConsistencyBase(DiffusionObjective):
+class _EMATargetMixin:
+    """An optional EMA copy of the student as the consistency target (``target_ema`` > 0),
+    checkpointed with the objective; shared by the consistency objectives and TSCD."""
+
+    _target: nn.Module | None
+    target_ema: float
+    name: str
+
+    def _update_target(self, student: nn.Module) -> None:
+        if self._target is None:
+            return
+        mu = self.target_ema
+        with torch.no_grad():
+            for pt, p in zip(self._target.parameters(), student.parameters()):
+                pt.mul_(mu).add_(p.detach(), alpha=1 - mu)
+            for bt, b in zip(self._target.buffers(), student.buffers()):
+                bt.copy_(b)
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"target": None if self._target is None else self._target.state_dict()}
+
+    def _prepare_load(self, state) -> None:
+        if state.get("target") is not None and self._target is None:
+            self._needs_target_copy = True  # the copy is made from the student at setup
+            self._ready = False
+
+    def _apply_state(self, state) -> None:
+        sd = state.get("target")
+        if sd is not None:
+            if self._target is None:
+                raise ValueError(f"{self.name}: the state has an EMA target but target_ema is 0")
+            self._target.load_state_dict(sd)
+
+
+class _ConsistencyBase(_EMATargetMixin, DiffusionObjective):
     """Shared machinery of consistency distillation / training (see the subclasses)."""
 
     def __init__(
@@ -1024,29 +1058,8 @@ class _ConsistencyBase(DiffusionObjective):
 
     def after_step(self, student) -> dict[str, Any]:
         logs = super().after_step(student)
-        if self._target is not None:
-            mu = self.target_ema
-            with torch.no_grad():
-                for pt, p in zip(self._target.parameters(), student.parameters()):
-                    pt.mul_(mu).add_(p.detach(), alpha=1 - mu)
-                for bt, b in zip(self._target.buffers(), student.buffers()):
-                    bt.copy_(b)
+        self._update_target(student)
         return logs
-
-    def _extra_state(self) -> dict[str, Any]:
-        return {"target": None if self._target is None else self._target.state_dict()}
-
-    def _prepare_load(self, state) -> None:
-        if state.get("target") is not None and self._target is None:
-            self._needs_target_copy = True  # the copy is made from the student at setup
-            self._ready = False
-
-    def _apply_state(self, state) -> None:
-        sd = state.get("target")
-        if sd is not None:
-            if self._target is None:
-                raise ValueError(f"{self.name}: the state has an EMA target but target_ema is 0")
-            self._target.load_state_dict(sd)
 
     def sample(
         self, student, noise, generator=None, timesteps: Sequence[int] | None = None
@@ -1601,7 +1614,7 @@ class EmbeddingMMD(_GeneratorMixin, DiffusionObjective):
 # ----------------------------------------------------------------------------- 5. Hyper-SD TSCD
 
 
-class TrajectorySegmentedCD(DiffusionObjective):
+class TrajectorySegmentedCD(_EMATargetMixin, DiffusionObjective):
     """Hyper-SD's trajectory segmented consistency distillation (TSCD).
 
     Ren, Xia, Lu, Zhang, Wu, Xie, Wang & Xiao, "Hyper-SD: Trajectory Segmented Consistency
@@ -1725,30 +1738,9 @@ class TrajectorySegmentedCD(DiffusionObjective):
 
     def after_step(self, student) -> dict[str, Any]:
         logs = super().after_step(student)
-        if self._target is not None:
-            mu = self.target_ema
-            with torch.no_grad():
-                for pt, p in zip(self._target.parameters(), student.parameters()):
-                    pt.mul_(mu).add_(p.detach(), alpha=1 - mu)
-                for bt, b in zip(self._target.buffers(), student.buffers()):
-                    bt.copy_(b)
+        self._update_target(student)
         logs["segments"] = self.current_segments()
         return logs
-
-    def _extra_state(self) -> dict[str, Any]:
-        return {"target": None if self._target is None else self._target.state_dict()}
-
-    def _prepare_load(self, state) -> None:
-        if state.get("target") is not None and self._target is None:
-            self._needs_target_copy = True  # the copy is made from the student at setup
-            self._ready = False
-
-    def _apply_state(self, state) -> None:
-        sd = state.get("target")
-        if sd is not None:
-            if self._target is None:
-                raise ValueError(f"{self.name}: the state has an EMA target but target_ema is 0")
-            self._target.load_state_dict(sd)
 
     def sample(self, student, noise, generator=None, steps: int | None = None) -> Tensor:
         """DDIM on the segment boundaries: ``steps`` (default: current segments) NFE."""
