@@ -44,7 +44,7 @@ SMOKE_DATA = {
                   "train.batch_size=2", "student.params.layers=[0,29]"],
     "causal-lm-pruned": ["data.params.max_blocks=12", "data.params.block_size=16",
                          "train.batch_size=2", "data.val_fraction=0.2",
-                         "student.params.calibration_batches=1"],
+                         "student.params.calibration_batches=1", "student.params.layers=2"],
     "causal-lm-xtok": ["data.params.max_chunks=20", "data.params.chunk_chars=96",
                        "train.batch_size=4", "student.params.hidden_size=64",
                        "student.params.num_layers=1"],
