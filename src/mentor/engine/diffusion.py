@@ -251,17 +251,7 @@ class DiffusionDistiller:
 
     # ------------------------------------------------------------------ run directory
     def _prepare_dir(self, resume: bool) -> Path | None:
-        out, moved = self.out, None
-        if not resume and out.exists() and any(out.iterdir()):  # allowed by check_output
-            moved = rundir.move_aside(out)
-            console.print(f"output.overwrite: the previous run in {out} was moved to {moved}")
-        out.mkdir(parents=True, exist_ok=True)
-        if not (out / rundir.MARKER).exists():
-            rundir.write_marker(out)
-        tmp = out / "config.yaml.tmp"
-        tmp.write_text(dump_config(self.cfg))
-        tmp.replace(out / "config.yaml")
-        return moved
+        return rundir.prepare(self.out, dump_config(self.cfg), resume, console.print)
 
     def _undo_new_run(self, moved: Path | None) -> None:
         if (self.out / rundir.MARKER).exists():

@@ -613,17 +613,7 @@ class Distiller:
 
     def _prepare_dir(self, resume: bool) -> Path | None:
         """Create (or continue) the run directory; an overwritten run is moved aside."""
-        out, moved = self.out, None
-        if not resume and out.exists() and any(out.iterdir()):  # allowed by check_output
-            moved = rundir.move_aside(out)
-            print(f"output.overwrite: the previous run in {out} was moved to {moved}")
-        out.mkdir(parents=True, exist_ok=True)
-        if not (out / rundir.MARKER).exists():
-            rundir.write_marker(out)
-        tmp = out / "config.yaml.tmp"
-        tmp.write_text(dump_config(self.cfg))
-        tmp.replace(out / "config.yaml")
-        return moved
+        return rundir.prepare(self.out, dump_config(self.cfg), resume, print)
 
     def _apply_resume_changes(
         self, acc: Any, changes: list[tuple[str, Any, Any]], optimizer: Any, scheduler: Any,

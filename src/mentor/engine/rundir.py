@@ -145,3 +145,20 @@ def write_marker(out: Path) -> None:
 
     rec = {"mentor": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     (out / MARKER).write_text(json.dumps(rec))
+
+
+def prepare(out: Path, config_text: str, resume: bool, say: Any = print) -> Path | None:
+    """Create (or continue) the run directory ``out`` and write its ``config.yaml``; an
+    overwritten run (allowed by :func:`check_output`) is moved aside and the new place said.
+    Returns where the old run went (None when nothing was moved)."""
+    moved = None
+    if not resume and out.exists() and any(out.iterdir()):
+        moved = move_aside(out)
+        say(f"output.overwrite: the previous run in {out} was moved to {moved}")
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / MARKER).exists():
+        write_marker(out)
+    tmp = out / "config.yaml.tmp"
+    tmp.write_text(config_text)
+    tmp.replace(out / "config.yaml")
+    return moved
