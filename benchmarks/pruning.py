@@ -130,9 +130,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             built[name] = m
         else:
             del m
-    cost = {"teacher": measure_cost(teacher, data.val, throughput_batch=8)}
+    cost = {"teacher": measure_cost(teacher, data.val, throughput_batch=8, compressed=True)}
     for name, m in built.items():
-        cost[name] = measure_cost(m, data.val, throughput_batch=8)
+        cost[name] = measure_cost(m, data.val, throughput_batch=8, compressed=True)
     for c in cost.values():
         c["latency_speedup"] = cost["teacher"]["latency_ms"] / c["latency_ms"]
         c["throughput_speedup"] = c["throughput_per_s"] / cost["teacher"]["throughput_per_s"]

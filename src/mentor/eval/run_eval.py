@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 from torch.utils.data import default_collate
 
-from mentor.eval.cost import machine, measure_cost
+from mentor.eval.cost import SPARSE_FRACTION, machine, measure_cost
 from mentor.eval.generation_metrics import generation_diagnostics, ids_as_text
 from mentor.generation import SamplingConfig
 from mentor.progress import Progress
@@ -150,7 +150,9 @@ def headline(result: dict[str, Any], name: str) -> dict[str, Any]:
     }
     if "cost" in r:
         row.update(params=r["cost"]["params"], size_mb=r["cost"]["size_bytes"] / 1e6)
-        if r["cost"].get("zero_fraction", 0.0) >= 0.01:  # a sparse model: zeros and zlib size
+        if (
+            r["cost"].get("zero_fraction", 0.0) >= SPARSE_FRACTION
+        ):  # a sparse model: zeros and zlib size
             row.update(
                 sparsity=r["cost"]["zero_fraction"],
                 compressed_mb=r["cost"]["compressed_bytes"] / 1e6,
