@@ -157,3 +157,33 @@ def test_bad_prune_settings_are_named(tmp_path, params, msg):
         _run("tiny-lm", tmp_path / "bad", *over)
     assert msg in str(e.value)
     assert not (tmp_path / "bad" / "student").exists()
+
+
+def test_squarehead_on_a_causal_lm_uses_the_unshifted_attention_mask(tmp_path):
+    """Hidden states are [B, T, D] while a causal LM's logits mask is shifted to T-1: a feature
+    term gets the attention mask (padding excluded), and SquareHead recovery trains."""
+    from mentor.losses.feature import squarehead
+    from mentor.losses.objective import Objective
+    from mentor.tasks import TASKS
+
+    task = TASKS.get("causal_lm")()
+    ids = torch.randint(0, 10, (2, 5))
+    am = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    batch = {"input_ids": ids, "attention_mask": am}
+    logits, t_logits = torch.randn(2, 5, 10), torch.randn(2, 5, 10)
+    s, t = torch.randn(2, 5, 4), torch.randn(2, 5, 4)
+    obj = Objective({"fkl": {"loss": "forward_kl"},
+                     "sq": {"loss": "squarehead", "student": "h", "teacher": "h"}})  # fmt: skip
+    lv, tv, labels, mask = task.loss_view(logits, t_logits, batch)
+    out = obj(lv, tv, labels=labels, mask=mask, feature_mask=task.feature_mask(batch, mask),
+              student_features={"h": s}, teacher_features={"h": t})  # fmt: skip
+    torch.testing.assert_close(out["sq"], squarehead(s, t, mask=am.bool()))
+    assert not torch.allclose(out["sq"], squarehead(s, t))  # the padded tokens are left out
+    sq = "{fkl: {loss: forward_kl}, sq: {loss: squarehead, student: model.layers.0, teacher: model.layers.0}}"
+    over = ["student.builder=prune", "student.params={method: wanda, sparsity: 0.5}",
+            f"objective={sq}", "train.max_steps=3", "teacher.fit.epochs=1", "data.params.n=96",
+            "train.log_every=1"]  # fmt: skip
+    res = _run("tiny-lm", tmp_path / "r", *over)
+    recs = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    sq_logged = [r["sq"] for r in recs if r["kind"] == "train"]
+    assert len(sq_logged) == 3 and all(0 < v < 10 for v in sq_logged)

@@ -59,6 +59,10 @@ class Task:
         """(student logits, teacher logits, labels, mask) as the objective sees them."""
         return logits, teacher_logits, batch.get("labels"), None
 
+    def feature_mask(self, batch: Mapping[str, Any], mask: Tensor | None) -> Any:
+        """The mask of feature terms on module outputs ("same": ``mask``, the logits' mask)."""
+        return "same"
+
     def teacher_view(self, batch: dict[str, Any]) -> dict[str, Any]:
         """The batch the teacher runs on (the same batch, except for cross-tokenizer data)."""
         return batch
@@ -262,6 +266,11 @@ class CausalLM(Task):
         if start > 0 and mask is not None:
             mask = mask[:, start:]
         return logits[:, ns - n : -1], t, ids[:, start + 1 :], mask
+
+    def feature_mask(self, batch: Mapping[str, Any], mask: Tensor | None) -> Tensor | None:
+        """Hidden states are not shifted: every attended token counts (None: all of them)."""
+        m = batch.get("attention_mask")
+        return m.bool() if m is not None else None
 
     def count_positions(self, batch: Mapping[str, Any]) -> int:
         """Attended next-token positions (the first token of each sequence predicts nothing);

@@ -97,6 +97,7 @@ class DistillModule(nn.Module):
             t_logits,
             labels=labels,
             mask=mask,
+            feature_mask=self.task.feature_mask(batch, mask),
             student_features=feats,
             teacher_features=t_feats,
             groups=batch.get("groups"),

@@ -266,6 +266,7 @@ class Objective(nn.Module):
         *,
         labels: Tensor | None = None,
         mask: Tensor | None = None,
+        feature_mask: Any = "same",
         student_features: Mapping[str, Any] | None = None,
         teacher_features: Mapping[str, Any] | None = None,
         groups: Tensor | None = None,
@@ -284,6 +285,9 @@ class Objective(nn.Module):
         per-side inputs of cross-tokenizer terms (``teacher_labels``, ``teacher_mask``,
         ``student_offsets``, ``teacher_offsets``, ``vocab_map``; the task
         ``causal_lm_xtok`` builds them); each such term gets the ones its loss lists.
+        ``feature_mask``: the mask of feature terms whose taps are module outputs (default: the
+        same as ``mask``); a causal LM's logits mask is shifted by one token, its hidden states
+        are not, so its task passes the attention mask here.
         ``student_logits`` may be :class:`~mentor.students.dual_head.DualLogits` (a dual-head
         student in training mode): label-only terms then get ``.label``, teacher terms
         ``.distill`` (Kang et al., "Simple Semi-supervised Knowledge Distillation from
@@ -305,7 +309,8 @@ class Objective(nn.Module):
                 s_feat = student_features[s_tap]
                 if term in self.projectors:
                     s_feat = _project(self.projectors[term], s_feat)
-                value = loss(s_feat, teacher_features[t_tap], mask=mask)
+                fmask = mask if isinstance(feature_mask, str) or s_tap == "output" else feature_mask
+                value = loss(s_feat, teacher_features[t_tap], mask=fmask)
             else:
                 extra = {"t": self.schedulers[term].t} if term in self.schedulers else {}
                 if loss.inputs == "sequences":  # handles (or refuses) a FusedHead itself
