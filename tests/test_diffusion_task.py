@@ -286,3 +286,23 @@ def test_teacher_of_another_size_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"teacher \(teacher\.path=.*\) generates 1x16x16 data "
                                          r"but the data are 1x8x8"):  # fmt: skip
         distill(cfg, quiet=True)
+
+
+def test_resume_may_change_what_is_evaluated_but_not_what_is_trained(tmp_path):
+    from mentor.config import dump_config
+    from mentor.engine.rundir import check_output, write_marker
+
+    run = tmp_path / "run"
+    cfg = _cfg("diffusion-2d", run, *TINY)
+    run.mkdir()
+    write_marker(run)
+    (run / "config.yaml").write_text(dump_config(cfg))
+    evals = ["diffusion.student_steps=[1, 8]", "diffusion.eval_samples=64",
+             "diffusion.eval_teacher_steps=[1, 50]", "diffusion.threads=1"]  # fmt: skip
+    changed = {k for k, _, _ in check_output(_cfg("diffusion-2d", run, *TINY, *evals), True)}
+    assert changed == {"diffusion.student_steps", "diffusion.eval_samples",
+                       "diffusion.eval_teacher_steps", "diffusion.threads"}  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"diffusion.objective: 'consistency_distillation' -> 'dmd2'"
+    ):
+        check_output(_cfg("diffusion-2d", run, *TINY, "diffusion.objective=dmd2"), True)

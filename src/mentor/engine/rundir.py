@@ -34,6 +34,11 @@ RESUMABLE = {
     "train.checkpoint_minutes",
     "eval.every",
     "eval.batch_size",
+    # a diffusion run's evaluation settings: which NFEs are scored, on how many samples
+    "diffusion.student_steps",
+    "diffusion.eval_teacher_steps",
+    "diffusion.eval_samples",
+    "diffusion.threads",
     "output.dir",  # a run directory may be moved or copied
     "output.trackers",
     "output.overwrite",
