@@ -112,13 +112,19 @@ def publish(
     markdown: Callable[[dict[str, Any], str | None], str],
     plot: Callable[[Path], Path | None] | None = None,
     before: tuple[str, ...] = (),
+    parent: str | None = None,
 ) -> str:
-    """Write ``<name>.json``, the plot ``img/<name>.png`` and the docs section; print it."""
+    """Write ``<name>.json``, the plot ``img/<name>.png`` and the docs section; print it.
+
+    ``parent``: the section is a ``### (x)`` subsection of the ``## parent`` chapter."""
     write_json(name, payload)
     img_path = plot(DOC.parent / "img" / f"{name}.png") if plot else None
     img = str(img_path.relative_to(DOC.parent)) if img_path else None
     md = markdown(payload, img)
-    update_section(name, md, before)
+    if parent:
+        update_subsection(name, md, parent)
+    else:
+        update_section(name, md, before)
     print(md)
     return md
 

@@ -32,6 +32,7 @@ import torch
 from benchmarks import _common as C
 
 NAME = "pruning"
+PARENT = "Pruned and sparse students"
 
 ARMS: list[tuple[str, str, dict[str, Any]]] = [
     ("magnitude 50%", "prune", {"method": "magnitude", "sparsity": 0.5}),
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                "settings": {k: v for k, v in st.items() if k != "arms"},
                "teacher": {"perplexity": t_ppl, "parameters": t_params}, "rows": rows,
                "cost": cost, "total_s": time.perf_counter() - t0}  # fmt: skip
-    C.publish(NAME, payload, markdown)
+    C.publish(NAME, payload, markdown, parent=PARENT)
     return payload
 
 
@@ -149,9 +150,7 @@ def markdown(p: dict[str, Any], img: str | None) -> str:
     rows = {r["arm"]: r for r in p["rows"]}
     t = p["teacher"]
     lines = [
-        "## Pruned and sparse students",
-        "",
-        f"### One-shot pruning of the `{p['settings']['recipe']}` teacher (no training)",
+        f"### (a) One-shot pruning of the `{p['settings']['recipe']}` teacher (no training)",
         "",
         f"Each student is built by `student.builder: prune` or `layer_drop` as a recipe builds "
         f"it (calibration: 8 batches of 4 training blocks) and scored on the same "

@@ -151,9 +151,7 @@ def _verdict(rho: float | None, cost: float) -> str:
 def markdown(p: dict[str, Any], img: str | None) -> str:
     """The docs section."""
     out = [
-        "## Student search",
-        "",
-        "### `mentor search`: proxies vs distilled accuracy",
+        "### (d) Which student: `mentor search`'s proxies vs distilled accuracy",
         "",
         "Each candidate student is scored by `mentor search`'s two proxies — DisWOT (training-"
         "free: the untrained candidate's similarity to the teacher, mentor's reconstruction of "
@@ -240,7 +238,7 @@ def plot(p: dict[str, Any], path: Path) -> Path | None:
 
 def publish(p: dict[str, Any]) -> None:
     """JSON, plot and the docs section."""
-    C.publish(NAME, p, markdown, lambda path: plot(p, path))
+    C.publish(NAME, p, markdown, lambda path: plot(p, path), parent="Pruned and sparse students")
 
 
 if __name__ == "__main__":

@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     payload = {"machine": C.machine_info(), "load_note": C.load_note(), "quick": a.quick,
                "settings": st, "seeds": a.seeds, "teacher": t_metrics, "runs": runs,
                "table": table, "total_s": time.perf_counter() - t0}  # fmt: skip
-    C.publish(NAME, payload, markdown)
+    C.publish(NAME, payload, markdown, parent="Pruned and sparse students")
     return payload
 
 
@@ -157,7 +157,7 @@ def markdown(p: dict[str, Any], img: str | None) -> str:
     st, tb = p["settings"], p["table"]
     sp = st["sparsities"]
     lines = [
-        f"### Very sparse CNN students ({st['recipe']}): magnitude only vs CE vs KD vs CTS-KL",
+        f"### (c) Very sparse CNN students ({st['recipe']}): magnitude only vs CE vs KD vs CTS-KL",
         "",
         f"The recipe's CNN teacher (held-out accuracy {100 * p['teacher']['accuracy']:.2f}%) "
         f"pruned to each sparsity of its conv and linear weights, then recovered for "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -28,3 +29,24 @@ def test_pruning_benchmark_quick(monkeypatch, tmp_path, one_thread):
     assert c["teacher"]["latency_speedup"] == 1.0
     assert c["wanda 50%"]["compressed_bytes"] < c["teacher"]["compressed_bytes"]
     assert "## Pruned and sparse students" in (tmp_path / "benchmarks.md").read_text()
+
+
+def test_pruning_recovery_benchmark_quick(monkeypatch, tmp_path, one_thread):
+    from benchmarks import _common as C
+    from benchmarks import pruning_recovery as R
+
+    monkeypatch.setenv("MENTOR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(C, "use_quick_outputs", lambda: None)
+    monkeypatch.setattr(C, "RESULTS", tmp_path)
+    monkeypatch.setattr(C, "DOC", tmp_path / "benchmarks.md")
+    p = R.main(["--quick", "--steps", "3"])
+    rows = {r["arm"]: r for r in p["rows"]}
+    assert list(rows) == [a[0] for a in R.ARMS]
+    for r in rows.values():
+        assert math.isfinite(r["perplexity"]) and r["perplexity"] > 1
+    # the masks held through training: 70% one-shot and staged end equally sparse, 50% less so
+    z = {k: r["zero_fraction"] for k, r in rows.items()}
+    assert z["wanda 70% one-shot + KD"] == pytest.approx(z["wanda 30→50→70% staged + KD"], abs=1e-3)
+    assert z["wanda 50% + KD"] < z["wanda 70% one-shot + KD"]
+    md = R.markdown(p)
+    assert "### (b) Recovery after pruning" in md and "KD < CE at 50%" in md

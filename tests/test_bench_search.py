@@ -33,6 +33,6 @@ def test_search_proxy_benchmark_quick(monkeypatch, tmp_path, one_thread):
         assert r["cost"][proxy]["search"] > 0
         assert r["picks"][proxy]["regret"] >= 0
     md = (tmp_path / "benchmarks.md").read_text()
-    assert "## Student search" in md
-    assert "### `mentor search`: proxies vs distilled accuracy" in md
+    assert "## Pruned and sparse students" in md
+    assert "### (d) Which student: `mentor search`'s proxies vs distilled accuracy" in md
     assert (tmp_path / "img" / "search_proxy.png").exists()

@@ -24,4 +24,4 @@ def test_sparse_cnn_benchmark_quick(monkeypatch, tmp_path, one_thread):
         assert r["zeros"] == pytest.approx(0.9, abs=0.01), r["arm"]
     acc = {r["arm"]: r["accuracy"] for r in p["runs"]}
     assert acc["magnitude + KD"] > acc["magnitude, no training"]  # recovery helps at 90%
-    assert "### Very sparse CNN students" in (tmp_path / "benchmarks.md").read_text()
+    assert "### (c) Very sparse CNN students" in (tmp_path / "benchmarks.md").read_text()
