@@ -58,10 +58,13 @@ def evaluate_models(
     )
     if measure:
         bar = Progress(len(models), enabled=progress, label="latency/throughput", unit="models")
+        # throughput at the held-out batch: 8 sequences of a per-token task (each hundreds of
+        # tokens), 64 examples otherwise
+        tp = 8 if task_obj.per_token else 64
         for i, (name, m) in enumerate(models.items()):
             # cross-tokenizer data: the teacher runs on its own tokens of the text
             side = lambda items, name=name: task_obj.model_batch(name, collate(items))  # noqa: E731
-            res[name]["cost"] = measure_cost(m, bundle.val, collate=side)
+            res[name]["cost"] = measure_cost(m, bundle.val, collate=side, throughput_batch=tp)
             bar.update(i + 1, {})
         bar.close()
     gen_settings = None
