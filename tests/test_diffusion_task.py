@@ -306,3 +306,30 @@ def test_resume_may_change_what_is_evaluated_but_not_what_is_trained(tmp_path):
         ValueError, match=r"diffusion.objective: 'consistency_distillation' -> 'dmd2'"
     ):
         check_output(_cfg("diffusion-2d", run, *TINY, "diffusion.objective=dmd2"), True)
+
+
+def test_progressive_halves_in_equal_rounds_by_default(tmp_path):
+    """``diffusion.objective=progressive`` alone: 8 -> 4 -> 2 -> 1 student steps over the run
+    (the class's own default, 256 steps and no rounds, would never reach a 1-step student)."""
+    cfg = _cfg("diffusion-2d", tmp_path / "run", *TINY, "diffusion.objective=progressive")
+    kw = ED.objective_kwargs(cfg.diffusion, 100)
+    assert kw == {"student_steps": 8, "final_student_steps": 1, "iters_per_round": 25}
+    obj = ED.build_diffusion_objective(cfg.diffusion, ED.make_schedule(cfg.diffusion), 100)
+    assert [obj.rounds.student_steps(i) for i in (0, 24, 25, 50, 75, 99)] == [8, 8, 4, 2, 1, 1]
+    mine = ED.objective_kwargs(
+        _cfg("diffusion-2d", tmp_path / "r2", *TINY, "diffusion.objective=progressive",
+             "diffusion.params.progressive.iters_per_round=7").diffusion, 100)  # fmt: skip
+    assert mine == {"iters_per_round": 7}  # a recipe's own rounds are left alone
+
+
+def test_the_feature_classifier_is_the_same_for_every_seed(tmp_path, monkeypatch):
+    """FDs of runs with different train.seed are in the same features (one classifier)."""
+    from mentor.assembly import Assembly, diffusion_feature_net
+
+    monkeypatch.setenv("MENTOR_CACHE", str(tmp_path / "cache"))
+    nets = []
+    for seed in (0, 1):
+        cfg = _cfg("diffusion-digits", tmp_path / f"r{seed}", f"train.seed={seed}")
+        nets.append(diffusion_feature_net(Assembly(cfg))[0].state_dict())
+    assert len(list((tmp_path / "cache" / "teachers").iterdir())) == 1  # fitted once
+    assert all(torch.equal(nets[0][k], nets[1][k]) for k in nets[0])

@@ -1132,6 +1132,9 @@ def distill_diffusion(
     return RunResult(run_dir, metrics, student, teacher)
 
 
+FEATURE_NET_SEED = 0  # the image metrics' classifier is fitted with this seed for every run
+
+
 def diffusion_feature_net(asm: Assembly, run_dir: Path | None = None) -> tuple[nn.Module, dict]:
     """The image metrics' feature classifier (:data:`FEATURE_NET`), fitted once on the
     training images' labels and kept like a fitted teacher (``$MENTOR_CACHE/teachers/<key>``,
@@ -1149,6 +1152,8 @@ def diffusion_feature_net(asm: Assembly, run_dir: Path | None = None) -> tuple[n
                  class_names=list(b.info.class_names)),
     )  # fmt: skip
     tc = TeacherConfig(**FEATURE_NET)
+    # one classifier whatever the run's train.seed: FDs of runs with other seeds share features
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": FEATURE_NET_SEED})})
     key = teacher_fit_key(tc, cfg, cls)
     places = ([run_dir / FEATURE_NET_DIR] if run_dir is not None else []) + [
         shared_teachers() / key

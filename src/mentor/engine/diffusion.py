@@ -136,12 +136,25 @@ def total_steps(cfg: RunConfig, n_train: int) -> int:
     return max(1, math.ceil(float(t.epochs or 1.0) * n_train / t.batch_size))
 
 
+# progressive distillation's first student step count when the recipe sets none (matched to
+# 16 teacher steps; the class's own default, 256, suits runs of 10^5 steps per round)
+PROGRESSIVE_START = 8
+
+
 def objective_kwargs(dcfg: DiffusionConfig, steps: int) -> dict[str, Any]:
     """``diffusion.params`` with run-length defaults: the consistency curriculum (iCT's N(k))
-    spans the run (``total_steps``), Hyper-SD's stages split it evenly (``iters_per_stage``)."""
+    spans the run (``total_steps``), Hyper-SD's stages split it evenly (``iters_per_stage``),
+    and progressive distillation halves 8 → 4 → 2 → 1 student steps in equal rounds
+    (``student_steps`` 8, ``final_student_steps`` 1, ``iters_per_round`` = steps / 4)."""
     params = dcfg.objective_kwargs()
     if dcfg.objective in ("consistency_distillation", "consistency_training"):
         params.setdefault("total_steps", steps)
+    elif dcfg.objective == "progressive" and "iters_per_round" not in params:
+        n = params.setdefault("student_steps", PROGRESSIVE_START)
+        final = params.setdefault("final_student_steps", 1)
+        if isinstance(n, int) and isinstance(final, int) and 0 < final < n and n % final == 0:
+            rounds = (n // final).bit_length()  # 8 -> 1: rounds of 8, 4, 2, 1 steps
+            params["iters_per_round"] = max(1, math.ceil(steps / rounds))
     elif dcfg.objective == "hyper_sd_tscd":
         segments = params.get("segments", (8, 4, 2, 1))
         n = len(segments) if isinstance(segments, (list, tuple)) and segments else 1
