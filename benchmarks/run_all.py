@@ -43,8 +43,10 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "kd_full_data": ("benchmarks.kd_full_data", ["--quick"]),
     "ddk_lm": ("benchmarks.ddk_lm", ["--quick"]),
     "pruning": ("benchmarks.pruning", ["--quick"]),
+    "pruning_recovery": ("benchmarks.pruning_recovery", ["--quick"]),
     "search_proxy": ("benchmarks.search_proxy", ["--quick"]),
     "sparse_cnn": ("benchmarks.sparse_cnn", ["--quick"]),
+    "diffusion": ("benchmarks.diffusion", ["--quick"]),
 }
 # full-run arguments where a module serves several benchmarks
 FULL_ARGS = {
@@ -71,8 +73,10 @@ EXPECTED_MIN = {
     "kd_full_data": 30,
     "ddk_lm": 25,
     "pruning": 20,
+    "pruning_recovery": 15,
     "search_proxy": 15,
     "sparse_cnn": 30,
+    "diffusion": 15,
 }
 
 INTRO = """# Benchmarks
