@@ -90,8 +90,8 @@ ARMS: dict[str, dict[str, tuple[str, list[str], str]]] = {
             ["diffusion.params.progressive.student_steps=8",
              "diffusion.params.progressive.final_student_steps=1",
              "diffusion.params.progressive.iters_per_round={quarter}"],
-            "8→4→2→1 DDIM steps, a quarter of the run per round (the default — 256 "
-            "steps, no rounds — is no few-step student)"),
+            "8→4→2→1 DDIM steps, a quarter of the run per round (the engine's default, "
+            "spelled out)"),
         "embedding_mmd": ("embedding_mmd", [],
             "defaults: 1-step generator, identity features, data as reference (no teacher "
             "queries); student from the teacher"),
