@@ -54,8 +54,8 @@ def settings(quick: bool, steps: int | None) -> dict[str, Any]:
         return {"recipe": "tiny-lm", "over": ["teacher.fit.epochs=1", "data.params.n=96"],
                 "steps": steps or 6, "val_blocks": 8, "layers": 2}  # fmt: skip
     return {"recipe": "causal-lm", "over": ["data.params.max_blocks=600", "data.val_fraction=0.1",
-            "train.batch_size=8"], "steps": steps or 40, "val_blocks": 48,
-            "layers": 30}  # fmt: skip
+            "data.params.block_size=64", "train.batch_size=8"], "steps": steps or 30,
+            "val_blocks": 48, "layers": 30, "block_size": 64}  # fmt: skip
 
 
 def objective(kind: str, layers: int) -> dict[str, Any]:
@@ -145,7 +145,7 @@ def markdown(p: dict[str, Any]) -> str:
         "### (b) Recovery after pruning: CE vs KD vs KD + SquareHead, staged vs one-shot",
         "",
         f"SmolLM2-135M-Instruct pruned by Wanda (`student.builder: prune`), then trained "
-        f"{st['steps']} steps (batch 8 × 128 tokens of BBC News, one seed, the same blocks in "
+        f"{st['steps']} steps (batch 8 × {st.get('block_size', 32)} tokens of BBC News, one seed, the same blocks in "
         f"the same order for every arm) with fixed masks; held-out perplexity on "
         f"{st['val_blocks']} blocks. Teacher: {t:.2f}.",
         "",
