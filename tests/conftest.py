@@ -103,3 +103,16 @@ def cache_toy():
     torch.manual_seed(0)
     teacher = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 6)).eval()
     return bundle, teacher
+
+
+@pytest.fixture
+def bench_out(monkeypatch, tmp_path):
+    """A benchmark's quick run writes into ``tmp_path`` (its JSON, docs page and plots) and uses
+    a fresh fitted-teacher cache there, never benchmarks/results/ or docs/."""
+    from benchmarks import _common as C
+
+    monkeypatch.setenv("MENTOR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(C, "use_quick_outputs", lambda: None)
+    monkeypatch.setattr(C, "RESULTS", tmp_path)
+    monkeypatch.setattr(C, "DOC", tmp_path / "benchmarks.md")
+    return tmp_path

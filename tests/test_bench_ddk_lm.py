@@ -9,14 +9,9 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def test_ddk_lm_benchmark_quick(monkeypatch, tmp_path, one_thread):
-    from benchmarks import _common as C
+def test_ddk_lm_benchmark_quick(bench_out, monkeypatch, tmp_path, one_thread):
     from benchmarks import ddk_lm as D
 
-    monkeypatch.setenv("MENTOR_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(C, "use_quick_outputs", lambda: None)
-    monkeypatch.setattr(C, "RESULTS", tmp_path)
-    monkeypatch.setattr(C, "DOC", tmp_path / "benchmarks.md")
     p = D.main(["--quick", "--steps", "10"])
     saved = json.loads((tmp_path / "ddk_lm.json").read_text())
     assert set(saved["arms"]) == {"uniform", "ddk"}

@@ -10,14 +10,9 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def test_diffusion_benchmark_quick(monkeypatch, tmp_path, one_thread):
-    from benchmarks import _common as C
+def test_diffusion_benchmark_quick(bench_out, monkeypatch, tmp_path, one_thread):
     from benchmarks import diffusion as D
 
-    monkeypatch.setenv("MENTOR_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(C, "use_quick_outputs", lambda: None)
-    monkeypatch.setattr(C, "RESULTS", tmp_path)
-    monkeypatch.setattr(C, "DOC", tmp_path / "benchmarks.md")
     D.main(["--quick"])
     p = json.loads((tmp_path / "diffusion.json").read_text())
     assert p["seeds"] == [0] and p["workers"] == 1

@@ -9,14 +9,9 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def test_leaderboard_low_data_regime_quick(monkeypatch, tmp_path, one_thread):
-    from benchmarks import _common as C
+def test_leaderboard_low_data_regime_quick(bench_out, monkeypatch, tmp_path, one_thread):
     from benchmarks import leaderboard as L
 
-    monkeypatch.setenv("MENTOR_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(C, "use_quick_outputs", lambda: None)
-    monkeypatch.setattr(C, "RESULTS", tmp_path)
-    monkeypatch.setattr(C, "DOC", tmp_path / "benchmarks.md")
     monkeypatch.setattr(L, "ROWS", list(L.ROWS))
     p = L.main(["--quick", "--regime", "low", "--fraction", "0.1", "--recipes", "vision",
                 "--rows", "student (no KD)", "kd"])  # fmt: skip

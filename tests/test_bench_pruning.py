@@ -10,14 +10,9 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def test_pruning_benchmark_quick(monkeypatch, tmp_path, one_thread):
-    from benchmarks import _common as C
+def test_pruning_benchmark_quick(bench_out, monkeypatch, tmp_path, one_thread):
     from benchmarks import pruning as P
 
-    monkeypatch.setenv("MENTOR_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(C, "use_quick_outputs", lambda: None)
-    monkeypatch.setattr(C, "RESULTS", tmp_path)
-    monkeypatch.setattr(C, "DOC", tmp_path / "benchmarks.md")
     P.main(["--quick"])
     p = json.loads((tmp_path / "pruning.json").read_text())
     rows = {r["arm"]: r for r in p["rows"]}
@@ -31,14 +26,9 @@ def test_pruning_benchmark_quick(monkeypatch, tmp_path, one_thread):
     assert "## Pruned and sparse students" in (tmp_path / "benchmarks.md").read_text()
 
 
-def test_pruning_recovery_benchmark_quick(monkeypatch, tmp_path, one_thread):
-    from benchmarks import _common as C
+def test_pruning_recovery_benchmark_quick(bench_out, monkeypatch, tmp_path, one_thread):
     from benchmarks import pruning_recovery as R
 
-    monkeypatch.setenv("MENTOR_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(C, "use_quick_outputs", lambda: None)
-    monkeypatch.setattr(C, "RESULTS", tmp_path)
-    monkeypatch.setattr(C, "DOC", tmp_path / "benchmarks.md")
     p = R.main(["--quick", "--steps", "3"])
     rows = {r["arm"]: r for r in p["rows"]}
     assert list(rows) == [a[0] for a in R.ARMS]

@@ -9,14 +9,9 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def test_sparse_cnn_benchmark_quick(monkeypatch, tmp_path, one_thread):
-    from benchmarks import _common as C
+def test_sparse_cnn_benchmark_quick(bench_out, monkeypatch, tmp_path, one_thread):
     from benchmarks import sparse_cnn as S
 
-    monkeypatch.setenv("MENTOR_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(C, "use_quick_outputs", lambda: None)
-    monkeypatch.setattr(C, "RESULTS", tmp_path)
-    monkeypatch.setattr(C, "DOC", tmp_path / "benchmarks.md")
     S.main(["--quick"])
     p = json.loads((tmp_path / "sparse_cnn.json").read_text())
     assert {r["arm"] for r in p["runs"]} == set(S.ARMS)
