@@ -166,7 +166,23 @@ def markdown(p: dict[str, Any]) -> str:
             x, y = rows[a]["perplexity"], rows[b]["perplexity"]
             checks.append(f"{what}: {'holds' if x <= y else 'does not hold'} ({x:,.2f} vs "
                           f"{y:,.2f})")  # fmt: skip
-    lines += ["", "Paper directions: " + "; ".join(checks) + ".", "",
+    lines += ["", "Paper directions: " + "; ".join(checks) + "."]
+    ce = rows.get("wanda 50% + CE")
+    if ce and ce["perplexity"] < t:
+        lines += ["", f"Why CE wins here: its student ends *below the teacher's own perplexity* "
+                  f"({ce['perplexity']:.2f} vs {t:.2f}). CE fits BBC News itself; KD can at best "
+                  "reach the teacher, which was never tuned on this text. Held-out perplexity on "
+                  "the recovery data therefore rewards domain adaptation, which only CE gets; "
+                  "the paper measures recovery of the dense model's quality on its own tasks."]  # fmt: skip
+    staged = rows.get("wanda 30→50→70% staged + KD")
+    if staged:
+        n = len(staged["params"].get("stages", [])) or 1
+        lines += ["", f"Staged pruning splits the run in {n}: the last stage reaches 70% after "
+                  f"{(n - 1) * st['steps'] // n} of the {st['steps']} steps, so it has "
+                  f"{st['steps'] // n} steps to recover from the final cut, where one-shot 70% "
+                  f"has all {st['steps']}. (Its perplexity before training is that of the first, "
+                  "30% stage.)"]  # fmt: skip
+    lines += ["",
               C.machine_line(p["machine"]) + p.get("load_note", "")
               + f" Whole benchmark {p['total_s'] / 60:.1f} min. Regenerate with "
               "`.venv/bin/python -m benchmarks.pruning_recovery`."]  # fmt: skip
