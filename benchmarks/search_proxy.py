@@ -112,11 +112,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     todo = dict(QUICK if a.quick else FULL)
     skipped = {}
+    if a.only:
+        skipped = {k: f"not in this measurement (--only {' '.join(a.only)})"
+                   for k in todo if k not in a.only}  # fmt: skip
+        todo = {k: v for k, v in todo.items() if k in a.only}
     if "vision" in todo and find_fashion_mnist() is None:
         todo.pop("vision")
         skipped["vision"] = "Fashion-MNIST not found ($FASHION_MNIST or dataset-fashion-mnist)"
-    if a.only:
-        todo = {k: v for k, v in todo.items() if k in a.only}
     load0 = C.load_avg()
     t0 = time.perf_counter()
     recipes = {}
