@@ -280,3 +280,23 @@ def update_subsection(name: str, markdown: str, parent: str) -> Path:
     DOC.parent.mkdir(parents=True, exist_ok=True)
     DOC.write_text(text)
     return DOC
+
+
+def directions(
+    rows: dict[str, dict[str, Any]],
+    pairs: list[tuple[str, str, str]],
+    key: str = "perplexity",
+    digits: int = 2,
+    ties_hold: bool = False,
+) -> list[str]:
+    """``"<claim>: holds (x vs y)"`` for each ``(a, b, claim)`` whose claim is that arm ``a``'s
+    ``key`` is lower than arm ``b``'s (or equal, with ``ties_hold``); pairs with a missing
+    arm are left out."""
+    out = []
+    for a, b, what in pairs:
+        if a in rows and b in rows:
+            x, y = rows[a][key], rows[b][key]
+            ok = x <= y if ties_hold else x < y
+            out.append(f"{what}: {'holds' if ok else 'does not hold'} "
+                       f"({x:,.{digits}f} vs {y:,.{digits}f})")  # fmt: skip
+    return out

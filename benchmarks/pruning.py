@@ -166,8 +166,7 @@ def markdown(p: dict[str, Any], img: str | None) -> str:
         lines.append(f"| {r['arm']} | {r['parameters']:,} ({r['param_share']:.2f}) | "
                      f"{r['zero_fraction']:.2f} | {r['perplexity']:,.1f} | "
                      f"{r['ratio_to_teacher']:,.2f} |")  # fmt: skip
-    checks = []
-    for a, b, what in [
+    checks = C.directions(rows, [
         ("wanda 50%", "magnitude 50%", "Wanda < magnitude at 50%"),
         ("wanda 70%", "magnitude 70%", "Wanda < magnitude at 70%"),
         ("wanda 50% + DSnoT", "wanda 50%", "DSnoT lowers Wanda's 50% perplexity"),
@@ -175,11 +174,7 @@ def markdown(p: dict[str, Any], img: str | None) -> str:
         ("wanda 70% + DSnoT", "wanda 70%", "DSnoT lowers Wanda's 70% perplexity"),
         ("6 of 30 layers, importance", "6 of 30 layers, even",
          "importance-chosen layers < evenly spaced"),
-    ]:  # fmt: skip
-        if a in rows and b in rows:
-            x, y = rows[a]["perplexity"], rows[b]["perplexity"]
-            checks.append(f"{what}: {'holds' if x < y else 'does not hold'} "
-                          f"({x:,.1f} vs {y:,.1f})")  # fmt: skip
+    ], digits=1)  # fmt: skip
     lines += ["", "Paper directions (one seed: the calibration set is fixed): "
               + "; ".join(checks) + ".", ""]  # fmt: skip
     lines += [

@@ -156,16 +156,11 @@ def markdown(p: dict[str, Any]) -> str:
         lines.append(f"| {r['arm']} | {r['zero_fraction']:.3f} | {r['start_perplexity']:,.1f} "
                      f"| {r['perplexity']:,.2f} | {r['ratio_to_teacher']:.2f} | "
                      f"{r['train_s'] / 60:.1f} min |")  # fmt: skip
-    checks = []
-    for a, b, what in [
+    checks = C.directions(rows, [
         ("wanda 50% + KD", "wanda 50% + CE", "KD < CE at 50%"),
         ("wanda 50% + KD + SquareHead", "wanda 50% + KD", "KD + SquareHead ≤ KD at 50%"),
         ("wanda 30→50→70% staged + KD", "wanda 70% one-shot + KD", "staged < one-shot at 70%"),
-    ]:  # fmt: skip
-        if a in rows and b in rows:
-            x, y = rows[a]["perplexity"], rows[b]["perplexity"]
-            checks.append(f"{what}: {'holds' if x <= y else 'does not hold'} ({x:,.2f} vs "
-                          f"{y:,.2f})")  # fmt: skip
+    ], ties_hold=True)  # fmt: skip
     lines += ["", "Paper directions: " + "; ".join(checks) + "."]
     ce = rows.get("wanda 50% + CE")
     if ce and ce["perplexity"] < t:
