@@ -423,10 +423,7 @@ class DiffusionDistiller:
                 state.update(loaded)
                 for key, old, new in changes:
                     if key == "train.lr":
-                        scheduler.base_lrs = [float(new)] * len(scheduler.base_lrs)
-                        for g, fn in zip(optimizer.param_groups, scheduler.lr_lambdas):
-                            g["initial_lr"] = float(new)
-                            g["lr"] = float(new) * fn(scheduler.last_epoch)
+                        rundir.apply_lr_change(optimizer, scheduler, new)
                     console.print(f"--resume: {key} {old!r} -> {new!r}", highlight=False)
             ckpt.truncate_metrics(metrics, state["step"])
         self.diverged_at = state["diverged_at"]

@@ -623,10 +623,7 @@ class Distiller:
         """Announce what a resumed run changes; a new ``train.lr`` is applied from here on."""
         for key, old, new in changes:
             if key == "train.lr":
-                scheduler.base_lrs = [float(new)] * len(scheduler.base_lrs)
-                for g, fn in zip(optimizer.param_groups, scheduler.lr_lambdas):
-                    g["initial_lr"] = float(new)
-                    g["lr"] = float(new) * fn(scheduler.last_epoch)
+                rundir.apply_lr_change(optimizer, scheduler, new)
                 acc.print(f"--resume: train.lr {old} -> {new}, applied from step {step}")
             elif key in ("train.max_steps", "train.epochs"):
                 acc.print(

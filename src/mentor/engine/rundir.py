@@ -167,3 +167,11 @@ def prepare(out: Path, config_text: str, resume: bool, say: Any = print) -> Path
     tmp.write_text(config_text)
     tmp.replace(out / "config.yaml")
     return moved
+
+
+def apply_lr_change(optimizer: Any, scheduler: Any, lr: float) -> None:
+    """A resumed run's new ``train.lr``: the schedule continues from its step at the new base."""
+    scheduler.base_lrs = [float(lr)] * len(scheduler.base_lrs)
+    for g, fn in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        g["initial_lr"] = float(lr)
+        g["lr"] = float(lr) * fn(scheduler.last_epoch)
